@@ -1,0 +1,199 @@
+//! Apps (tenants) and their API keys.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use base64::Engine as _;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::{ApiError, ApiResult, OrNotFound};
+use super::extract::{
+    ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page, double_option, token_hash,
+};
+use crate::delivery::message::rfc3339;
+use crate::store::App;
+
+const MAX_NAME_LEN: usize = 256;
+
+#[derive(Debug, Serialize)]
+pub struct AppView {
+    id: String,
+    uid: Option<String>,
+    name: String,
+    created_at: String,
+    updated_at: String,
+}
+
+impl From<App> for AppView {
+    fn from(app: App) -> Self {
+        Self {
+            id: app.id,
+            uid: app.uid,
+            name: app.name,
+            created_at: rfc3339(app.created_at),
+            updated_at: rfc3339(app.updated_at),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApp {
+    name: String,
+    uid: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchApp {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    uid: Option<Option<String>>,
+}
+
+fn check_name(name: &str) -> ApiResult<()> {
+    if name.trim().is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(ApiError::invalid(
+            "name",
+            format!("must be 1 to {MAX_NAME_LEN} characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// A uid is the publisher's own id for the tenant; it must not look like
+/// one of ours, or `{app}` in a path would be ambiguous.
+fn check_uid(uid: &str) -> ApiResult<()> {
+    let valid_chars = uid
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if uid.is_empty() || uid.len() > MAX_NAME_LEN || !valid_chars {
+        return Err(ApiError::invalid(
+            "uid",
+            format!("must be 1 to {MAX_NAME_LEN} letters, digits, or _ - ."),
+        ));
+    }
+    if uid.starts_with("app_") {
+        return Err(ApiError::invalid(
+            "uid",
+            "must not start with `app_`, which app ids use",
+        ));
+    }
+    Ok(())
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateApp>,
+) -> ApiResult<(StatusCode, Json<AppView>)> {
+    caller.require_admin()?;
+    check_name(&body.name)?;
+    if let Some(uid) = &body.uid {
+        check_uid(uid)?;
+    }
+    let app = state
+        .store
+        .create_app(body.name.trim(), body.uid.as_deref())
+        .await?;
+    Ok((StatusCode::CREATED, Json(app.into())))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> ApiResult<Json<Page<AppView>>> {
+    caller.require_admin()?;
+    let page = query.page()?;
+    let apps = state.store.list_apps(&page).await?;
+    Ok(Json(Page::new(
+        apps,
+        &page,
+        |a| a.id.clone(),
+        AppView::from,
+    )))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(app): ApiPath<String>,
+) -> ApiResult<Json<AppView>> {
+    Ok(Json(caller.app(&state, &app).await?.into()))
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(app): ApiPath<String>,
+    ApiJson(body): ApiJson<PatchApp>,
+) -> ApiResult<Json<AppView>> {
+    caller.require_admin()?;
+    let app = caller.app(&state, &app).await?;
+    let name = body.name.unwrap_or(app.name);
+    check_name(&name)?;
+    let uid = body.uid.unwrap_or(app.uid);
+    if let Some(uid) = &uid {
+        check_uid(uid)?;
+    }
+    let app = state
+        .store
+        .update_app(&app.id, name.trim(), uid.as_deref())
+        .await?;
+    Ok(Json(app.into()))
+}
+
+pub async fn remove(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(app): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let app = caller.app(&state, &app).await?;
+    state.store.delete_app(&app.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Creates an app key. The key is in this response only; the store keeps
+/// its hash.
+pub async fn create_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(app): ApiPath<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.require_admin()?;
+    let app = caller.app(&state, &app).await?;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let key = format!(
+        "whk_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    let id = state
+        .store
+        .create_app_key(&app.id, &token_hash(&key))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "app_id": app.id, "key": key })),
+    ))
+}
+
+pub async fn delete_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let app = caller.app(&state, &app).await?;
+    state
+        .store
+        .delete_app_key(&app.id, &id)
+        .await
+        .or_not_found("key", &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,168 @@
+//! Delivery history and manual redelivery.
+
+use axum::Json;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::error::{ApiError, ApiResult, OrNotFound};
+use super::extract::{ApiPath, ApiQuery, Caller, ListQuery, Page};
+use crate::delivery::message::rfc3339;
+use crate::store::{Attempt, Delivery, DeliveryStatus};
+
+#[derive(Debug, Serialize)]
+pub struct DeliveryView {
+    id: String,
+    app_id: String,
+    event_id: String,
+    webhook_id: String,
+    status: String,
+    attempt_count: i64,
+    /// When the next attempt is due (pending or failed deliveries).
+    next_attempt_at: Option<String>,
+    last_attempt_at: Option<String>,
+    last_status_code: Option<i64>,
+    last_error: Option<String>,
+    created_at: String,
+    updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<Vec<AttemptView>>,
+}
+
+impl From<Delivery> for DeliveryView {
+    fn from(d: Delivery) -> Self {
+        let waiting = d.status == "pending" || d.status == "failed";
+        Self {
+            next_attempt_at: d.due_at.filter(|_| waiting).map(rfc3339),
+            id: d.id,
+            app_id: d.app_id,
+            event_id: d.event_id,
+            webhook_id: d.webhook_id,
+            status: d.status,
+            attempt_count: d.attempts,
+            last_attempt_at: d.last_attempt_at.map(rfc3339),
+            last_status_code: d.last_status_code,
+            last_error: d.last_error,
+            created_at: rfc3339(d.created_at),
+            updated_at: rfc3339(d.updated_at),
+            attempts: None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct AttemptView {
+    id: String,
+    attempt: i64,
+    started_at: String,
+    duration_ms: i64,
+    outcome: String,
+    status_code: Option<i64>,
+    response_body: Option<String>,
+    error: Option<String>,
+}
+
+impl From<Attempt> for AttemptView {
+    fn from(a: Attempt) -> Self {
+        Self {
+            id: a.id,
+            attempt: a.attempt,
+            started_at: rfc3339(a.started_at),
+            duration_ms: a.duration_ms,
+            outcome: a.outcome,
+            status_code: a.status_code,
+            response_body: a.response_body,
+            error: a.error,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookDeliveriesQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+pub async fn for_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> ApiResult<Json<Vec<DeliveryView>>> {
+    let app = caller.app(&state, &app).await?;
+    if state.store.event(&app.id, &id).await?.is_none() {
+        return Err(ApiError::not_found("event", &id));
+    }
+    let deliveries = state.store.event_deliveries(&app.id, &id).await?;
+    Ok(Json(
+        deliveries.into_iter().map(DeliveryView::from).collect(),
+    ))
+}
+
+pub async fn for_webhook(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<WebhookDeliveriesQuery>,
+) -> ApiResult<Json<Page<DeliveryView>>> {
+    let app = caller.app(&state, &app).await?;
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(text) => Some(DeliveryStatus::parse(text).ok_or_else(|| {
+            ApiError::invalid(
+                "status",
+                "must be one of pending, sending, succeeded, failed, dead",
+            )
+        })?),
+    };
+    let page = ListQuery {
+        limit: query.limit,
+        cursor: query.cursor,
+    }
+    .page()?;
+    if state.store.webhook(&app.id, &id).await?.is_none() {
+        return Err(ApiError::not_found("webhook", &id));
+    }
+    let deliveries = state.store.webhook_deliveries(&id, status, &page).await?;
+    Ok(Json(Page::new(
+        deliveries,
+        &page,
+        |d| d.id.clone(),
+        DeliveryView::from,
+    )))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> ApiResult<Json<DeliveryView>> {
+    let app = caller.app(&state, &app).await?;
+    let delivery = state
+        .store
+        .delivery(&app.id, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("delivery", &id))?;
+    let attempts = state.store.attempts(&delivery.id).await?;
+    let mut view = DeliveryView::from(delivery);
+    view.attempts = Some(attempts.into_iter().map(AttemptView::from).collect());
+    Ok(Json(view))
+}
+
+/// Sends a delivery again now, from any state but `sending` (including
+/// `dead` and `succeeded`: a redelivery).
+pub async fn retry(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> ApiResult<Json<DeliveryView>> {
+    let app = caller.app(&state, &app).await?;
+    let delivery = state
+        .store
+        .retry_delivery(&app.id, &id)
+        .await
+        .or_not_found("delivery", &id)?;
+    state.wake.notify_one();
+    Ok(Json(delivery.into()))
+}

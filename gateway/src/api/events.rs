@@ -1,0 +1,135 @@
+//! Publishing events, and reading them back.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::AppState;
+use super::error::{ApiError, ApiResult};
+use super::extract::{ApiJson, ApiPath, Caller};
+use crate::delivery::message::rfc3339;
+use crate::domain::{EventType, parse_event_id};
+use crate::store::{NewEvent, new_id, now_ms};
+
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishEvent {
+    event_type: String,
+    /// Kept as the exact JSON text sent, so a `raw_payload` webhook
+    /// receives the bytes the publisher sent.
+    payload: Box<RawValue>,
+    id: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Queued {
+    id: String,
+    webhook_id: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    id: String,
+    deliveries: Vec<Queued>,
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY_LEN => {
+            Ok(Some(key.to_owned()))
+        }
+        _ => Err(ApiError::invalid(
+            "Idempotency-Key",
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
+        )),
+    }
+}
+
+/// Accepts an event: stored with its deliveries in one transaction before
+/// the 202, so an accepted event survives any crash.
+pub async fn publish(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(app): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<PublishEvent>,
+) -> ApiResult<(StatusCode, HeaderMap, Json<Accepted>)> {
+    let app = caller.app(&state, &app).await?;
+    let event_type =
+        EventType::parse(&body.event_type).map_err(|e| ApiError::invalid("event_type", e))?;
+    let payload = body.payload.get();
+    if payload.len() > state.limits.max_payload_bytes {
+        return Err(ApiError::payload_too_large(state.limits.max_payload_bytes));
+    }
+    let id = match &body.id {
+        Some(id) => parse_event_id(id).map_err(|e| ApiError::invalid("id", e))?,
+        None => new_id("msg"),
+    };
+    let event = NewEvent {
+        app_id: app.id,
+        id,
+        event_type: event_type.as_str().to_owned(),
+        payload: payload.to_owned(),
+        idempotency_key: idempotency_key(&headers)?,
+        dedup_since: now_ms() - state.limits.idempotency_window.as_millis() as i64,
+    };
+    let published = state.store.publish(&event).await?;
+    if !published.deliveries.is_empty() && !published.replayed {
+        state.wake.notify_one();
+    }
+    let mut response_headers = HeaderMap::new();
+    if published.replayed {
+        response_headers.insert(
+            "idempotent-replayed",
+            "true".parse().expect("static header value"),
+        );
+    }
+    let deliveries = published
+        .deliveries
+        .into_iter()
+        .map(|(id, webhook_id)| Queued { id, webhook_id })
+        .collect();
+    let accepted = Accepted {
+        id: published.event_id,
+        deliveries,
+    };
+    Ok((StatusCode::ACCEPTED, response_headers, Json(accepted)))
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventView {
+    id: String,
+    app_id: String,
+    event_type: String,
+    payload: Box<RawValue>,
+    created_at: String,
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> ApiResult<Json<EventView>> {
+    let app = caller.app(&state, &app).await?;
+    let event = state
+        .store
+        .event(&app.id, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("event", &id))?;
+    let payload = RawValue::from_string(event.payload)
+        .map_err(|e| ApiError::from(crate::store::StoreError::Corrupt(e.to_string())))?;
+    Ok(Json(EventView {
+        id: event.id,
+        app_id: event.app_id,
+        event_type: event.event_type,
+        payload,
+        created_at: rfc3339(event.created_at),
+    }))
+}

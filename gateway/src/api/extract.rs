@@ -1,0 +1,157 @@
+//! Request extractors: JSON, query and path extractors whose rejections are
+//! our JSON errors, the authenticated caller, and list pagination.
+
+use axum::extract::{FromRequest, FromRequestParts};
+use axum::http::request::Parts;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::AppState;
+use super::error::{ApiError, ApiResult};
+use crate::store::{App, PageRequest};
+
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// SHA-256 hex of a bearer token: what the store keeps instead of it.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Who is calling: the admin, or the holder of one app's key.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Admin,
+    App(App),
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| {
+                ApiError::unauthorized("missing `Authorization: Bearer <token>` header")
+            })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+            })?;
+        let hash = token_hash(token);
+        if hash == *state.admin_token_hash {
+            return Ok(Self::Admin);
+        }
+        match state.store.app_for_key(&hash).await? {
+            Some(app) => Ok(Self::App(app)),
+            None => Err(ApiError::unauthorized("the token is not valid")),
+        }
+    }
+}
+
+impl Caller {
+    pub fn require_admin(&self) -> ApiResult<()> {
+        match self {
+            Self::Admin => Ok(()),
+            Self::App(_) => Err(ApiError::forbidden("this requires the admin token")),
+        }
+    }
+
+    /// The app named in the path (by id or uid), if this caller may touch
+    /// it. An app key only ever sees its own app: for any other it gets 403,
+    /// whether or not that app exists.
+    pub async fn app(&self, state: &AppState, id_or_uid: &str) -> ApiResult<App> {
+        match self {
+            Self::App(app) if app.id == id_or_uid || app.uid.as_deref() == Some(id_or_uid) => {
+                Ok(app.clone())
+            }
+            Self::App(_) => Err(ApiError::forbidden("this key belongs to another app")),
+            Self::Admin => state
+                .store
+                .find_app(id_or_uid)
+                .await?
+                .ok_or_else(|| ApiError::not_found("app", id_or_uid)),
+        }
+    }
+}
+
+const DEFAULT_LIMIT: u32 = 50;
+const MAX_LIMIT: u32 = 250;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+impl ListQuery {
+    /// One more than asked, to learn whether another page follows.
+    pub fn page(&self) -> ApiResult<PageRequest> {
+        let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
+        if !(1..=MAX_LIMIT).contains(&limit) {
+            return Err(ApiError::invalid(
+                "limit",
+                format!("must be between 1 and {MAX_LIMIT}"),
+            ));
+        }
+        Ok(PageRequest {
+            cursor: self.cursor.clone(),
+            limit: limit + 1,
+        })
+    }
+}
+
+/// A page of a list; pass `next_cursor` as `cursor` for the next one.
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    pub data: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// Builds a page from the `limit + 1` rows fetched for `request`.
+    pub fn new<R>(
+        mut rows: Vec<R>,
+        request: &PageRequest,
+        id: impl Fn(&R) -> String,
+        view: impl Fn(R) -> T,
+    ) -> Self {
+        let limit = (request.limit - 1) as usize;
+        let next_cursor = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(&id)
+        } else {
+            None
+        };
+        Self {
+            data: rows.into_iter().map(view).collect(),
+            next_cursor,
+        }
+    }
+}
+
+/// For PATCH fields where `null` means something (clear) and absence means
+/// "leave as is".
+pub fn double_option<'de, T, D>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}

@@ -1,0 +1,93 @@
+//! The REST API: routes, shared state, and the JSON views of stored records.
+//!
+//! Handlers parse requests into domain values, check the caller's rights,
+//! and call the store; they never talk to the database or the network
+//! themselves.
+
+mod apps;
+mod deliveries;
+mod error;
+mod events;
+mod extract;
+mod health;
+mod webhooks;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post};
+use tokio::sync::Notify;
+
+pub use error::ApiError;
+pub use extract::token_hash;
+
+use crate::store::Store;
+use crate::url_safety::UrlPolicy;
+
+/// Room for the JSON around an event payload.
+const BODY_OVERHEAD: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub policy: UrlPolicy,
+    pub admin_token_hash: Arc<str>,
+    /// Wakes the local delivery worker when work is queued.
+    pub wake: Arc<Notify>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_payload_bytes: usize,
+    pub secret_rotation_overlap: Duration,
+    pub idempotency_window: Duration,
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.limits.max_payload_bytes + BODY_OVERHEAD;
+    let v1 = Router::new()
+        .route("/apps", post(apps::create).get(apps::list))
+        .route(
+            "/apps/{app}",
+            get(apps::show).patch(apps::update).delete(apps::remove),
+        )
+        .route("/apps/{app}/keys", post(apps::create_key))
+        .route("/apps/{app}/keys/{id}", delete(apps::delete_key))
+        .route(
+            "/apps/{app}/webhooks",
+            post(webhooks::create).get(webhooks::list),
+        )
+        .route(
+            "/apps/{app}/webhooks/{id}",
+            get(webhooks::show)
+                .patch(webhooks::update)
+                .delete(webhooks::remove),
+        )
+        .route(
+            "/apps/{app}/webhooks/{id}/secret/rotate",
+            post(webhooks::rotate_secret),
+        )
+        .route(
+            "/apps/{app}/webhooks/{id}/deliveries",
+            get(deliveries::for_webhook),
+        )
+        .route("/apps/{app}/events", post(events::publish))
+        .route("/apps/{app}/events/{id}", get(events::show))
+        .route(
+            "/apps/{app}/events/{id}/deliveries",
+            get(deliveries::for_event),
+        )
+        .route("/apps/{app}/deliveries/{id}", get(deliveries::show))
+        .route("/apps/{app}/deliveries/{id}/retry", post(deliveries::retry));
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .nest("/v1", v1)
+        .fallback(|| async { ApiError::no_route() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}

@@ -1,0 +1,256 @@
+//! Webhooks: registration, changes, secret rotation.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::{ApiError, ApiResult, OrNotFound};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page, double_option};
+use crate::delivery::message::rfc3339;
+use crate::domain::{CustomHeaders, EventTypeFilter};
+use crate::signing::Secret;
+use crate::store::{Webhook, WebhookFields, now_ms};
+
+const MAX_DESCRIPTION_LEN: usize = 1024;
+
+#[derive(Debug, Serialize)]
+pub struct WebhookView {
+    id: String,
+    app_id: String,
+    url: String,
+    description: String,
+    event_types: Option<Vec<String>>,
+    enabled: bool,
+    disabled_reason: Option<String>,
+    headers: BTreeMap<String, String>,
+    raw_payload: bool,
+    secret_masked: String,
+    created_at: String,
+    updated_at: String,
+}
+
+impl TryFrom<Webhook> for WebhookView {
+    type Error = ApiError;
+
+    fn try_from(w: Webhook) -> ApiResult<Self> {
+        let corrupt = |e: String| ApiError::from(crate::store::StoreError::Corrupt(e));
+        let filter = EventTypeFilter::from_stored(w.event_types.as_deref()).map_err(corrupt)?;
+        let headers = CustomHeaders::from_stored(&w.headers).map_err(corrupt)?;
+        let secret = Secret::parse(&w.secret).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Self {
+            id: w.id,
+            app_id: w.app_id,
+            url: w.url,
+            description: w.description,
+            event_types: filter.items().map(<[String]>::to_vec),
+            enabled: w.enabled,
+            disabled_reason: w.disabled_reason,
+            headers: headers.as_map().clone(),
+            raw_payload: w.raw_payload,
+            secret_masked: secret.masked(),
+            created_at: rfc3339(w.created_at),
+            updated_at: rfc3339(w.updated_at),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhook {
+    url: String,
+    description: Option<String>,
+    event_types: Option<Vec<String>>,
+    enabled: Option<bool>,
+    headers: Option<BTreeMap<String, String>>,
+    raw_payload: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchWebhook {
+    url: Option<String>,
+    description: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    event_types: Option<Option<Vec<String>>>,
+    enabled: Option<bool>,
+    headers: Option<BTreeMap<String, String>>,
+    raw_payload: Option<bool>,
+}
+
+/// Checks every field; the URL check resolves host names.
+async fn validate(state: &AppState, fields: Unchecked<'_>) -> ApiResult<WebhookFields> {
+    let url = state
+        .policy
+        .parse_and_resolve(fields.url)
+        .await
+        .map_err(ApiError::unsafe_url)?;
+    if fields.description.len() > MAX_DESCRIPTION_LEN {
+        return Err(ApiError::invalid(
+            "description",
+            format!("must be at most {MAX_DESCRIPTION_LEN} characters"),
+        ));
+    }
+    let filter = EventTypeFilter::parse(fields.event_types)
+        .map_err(|e| ApiError::invalid("event_types", e))?;
+    let headers =
+        CustomHeaders::parse(fields.headers).map_err(|e| ApiError::invalid("headers", e))?;
+    Ok(WebhookFields {
+        url: url.to_string(),
+        description: fields.description.to_owned(),
+        event_types: filter.to_stored(),
+        enabled: fields.enabled,
+        headers: headers.to_stored(),
+        raw_payload: fields.raw_payload,
+    })
+}
+
+/// A webhook's fields as requested, before [`validate`].
+struct Unchecked<'a> {
+    url: &'a str,
+    description: &'a str,
+    event_types: Option<&'a [String]>,
+    enabled: bool,
+    headers: &'a BTreeMap<String, String>,
+    raw_payload: bool,
+}
+
+async fn find(state: &AppState, app_id: &str, id: &str) -> ApiResult<Webhook> {
+    state
+        .store
+        .webhook(app_id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("webhook", id))
+}
+
+/// Registers a webhook. The response is the only one that shows the secret.
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(app): ApiPath<String>,
+    ApiJson(body): ApiJson<CreateWebhook>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let app = caller.app(&state, &app).await?;
+    let no_headers = BTreeMap::new();
+    let fields = validate(
+        &state,
+        Unchecked {
+            url: &body.url,
+            description: body.description.as_deref().unwrap_or(""),
+            event_types: body.event_types.as_deref(),
+            enabled: body.enabled.unwrap_or(true),
+            headers: body.headers.as_ref().unwrap_or(&no_headers),
+            raw_payload: body.raw_payload.unwrap_or(false),
+        },
+    )
+    .await?;
+    let secret = Secret::generate();
+    let webhook = state
+        .store
+        .create_webhook(&app.id, &fields, secret.expose())
+        .await?;
+    let mut view = serde_json::to_value(WebhookView::try_from(webhook)?).unwrap_or_default();
+    view["secret"] = secret.expose().into();
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(app): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> ApiResult<Json<Page<WebhookView>>> {
+    let app = caller.app(&state, &app).await?;
+    let page = query.page()?;
+    let webhooks = state.store.list_webhooks(&app.id, &page).await?;
+    let page = Page::new(webhooks, &page, |w| w.id.clone(), WebhookView::try_from);
+    let data = page.data.into_iter().collect::<ApiResult<_>>()?;
+    Ok(Json(Page {
+        data,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> ApiResult<Json<WebhookView>> {
+    let app = caller.app(&state, &app).await?;
+    Ok(Json(find(&state, &app.id, &id).await?.try_into()?))
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<PatchWebhook>,
+) -> ApiResult<Json<WebhookView>> {
+    let app = caller.app(&state, &app).await?;
+    let current = find(&state, &app.id, &id).await?;
+    let current_filter = EventTypeFilter::from_stored(current.event_types.as_deref())
+        .map_err(|e| ApiError::from(crate::store::StoreError::Corrupt(e)))?;
+    let current_headers = CustomHeaders::from_stored(&current.headers)
+        .map_err(|e| ApiError::from(crate::store::StoreError::Corrupt(e)))?;
+    let event_types = match &body.event_types {
+        Some(requested) => requested.as_deref(),
+        None => current_filter.items(),
+    };
+    let fields = validate(
+        &state,
+        Unchecked {
+            url: body.url.as_deref().unwrap_or(&current.url),
+            description: body.description.as_deref().unwrap_or(&current.description),
+            event_types,
+            enabled: body.enabled.unwrap_or(current.enabled),
+            headers: body.headers.as_ref().unwrap_or(current_headers.as_map()),
+            raw_payload: body.raw_payload.unwrap_or(current.raw_payload),
+        },
+    )
+    .await?;
+    let webhook = state
+        .store
+        .update_webhook(&app.id, &id, &fields)
+        .await
+        .or_not_found("webhook", &id)?;
+    Ok(Json(webhook.try_into()?))
+}
+
+pub async fn remove(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let app = caller.app(&state, &app).await?;
+    state
+        .store
+        .delete_webhook(&app.id, &id)
+        .await
+        .or_not_found("webhook", &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Issues a new secret. Until the overlap ends, deliveries are signed with
+/// both, so receivers can switch without rejecting anything.
+pub async fn rotate_secret(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((app, id)): ApiPath<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let app = caller.app(&state, &app).await?;
+    let secret = Secret::generate();
+    let overlap_ends = now_ms() + state.limits.secret_rotation_overlap.as_millis() as i64;
+    state
+        .store
+        .rotate_secret(&app.id, &id, secret.expose(), overlap_ends)
+        .await
+        .or_not_found("webhook", &id)?;
+    Ok(Json(json!({
+        "secret": secret.expose(),
+        "previous_secret_expires_at": rfc3339(overlap_ends),
+    })))
+}

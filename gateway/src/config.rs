@@ -1,0 +1,111 @@
+//! Configuration: every setting of `wasmhook serve`, as a flag with an
+//! environment-variable equivalent, parsed once at start into typed values.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use clap::builder::BoolishValueParser;
+use ipnet::IpNet;
+
+use crate::url_safety::UrlPolicy;
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Database to use: `sqlite://path` (created when missing).
+    #[arg(
+        long,
+        env = "WASMHOOK_DATABASE_URL",
+        default_value = "sqlite://wasmhook.db"
+    )]
+    pub database_url: String,
+
+    /// Address the REST API listens on (port 0 picks a free port).
+    #[arg(long, env = "WASMHOOK_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Admin bearer token. When unset, one is generated on first start,
+    /// printed once, and only its hash is stored.
+    #[arg(long, env = "WASMHOOK_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Allow `http://` webhook targets (otherwise only `https://`).
+    #[arg(long, env = "WASMHOOK_ALLOW_HTTP", default_value = "false",
+          value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub allow_http: bool,
+
+    /// Comma-separated CIDRs exempt from the private-address block,
+    /// e.g. `127.0.0.0/8` for local testing.
+    #[arg(long, env = "WASMHOOK_ALLOWED_CIDRS", value_delimiter = ',')]
+    pub allowed_cidrs: Vec<IpNet>,
+
+    /// Delays between attempts; one more attempt than delays is made.
+    #[arg(long, env = "WASMHOOK_RETRY_SCHEDULE", value_delimiter = ',',
+          default_value = "5s,5m,30m,2h,5h,10h,10h", value_parser = parse_duration)]
+    pub retry_schedule: Vec<Duration>,
+
+    /// Timeout of one delivery attempt, connecting included.
+    #[arg(long, env = "WASMHOOK_REQUEST_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Largest accepted event payload, in bytes of JSON.
+    #[arg(long, env = "WASMHOOK_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+
+    /// Deliveries sent at once by this process.
+    #[arg(long, env = "WASMHOOK_WORKER_CONCURRENCY", default_value_t = 128)]
+    pub worker_concurrency: usize,
+
+    /// How long a claimed delivery stays with its worker before another
+    /// may take it over; must exceed the request timeout.
+    #[arg(long, env = "WASMHOOK_LEASE", default_value = "60s", value_parser = parse_duration)]
+    pub lease: Duration,
+
+    /// How often an idle worker looks for due deliveries (publishes in this
+    /// process wake it at once).
+    #[arg(long, env = "WASMHOOK_POLL_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+
+    /// How long both the old and the new secret sign after a rotation.
+    #[arg(long, env = "WASMHOOK_SECRET_ROTATION_OVERLAP", default_value = "24h", value_parser = parse_duration)]
+    pub secret_rotation_overlap: Duration,
+
+    /// A webhook whose every attempt failed for this long is disabled.
+    #[arg(long, env = "WASMHOOK_DISABLE_AFTER", default_value = "5d", value_parser = parse_duration)]
+    pub disable_after: Duration,
+
+    /// Window in which a repeated idempotency key or event id returns the
+    /// first answer.
+    #[arg(long, env = "WASMHOOK_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_window: Duration,
+
+    /// How long shutdown waits for in-flight deliveries before releasing
+    /// them back to the queue.
+    #[arg(long, env = "WASMHOOK_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl Settings {
+    pub fn url_policy(&self) -> UrlPolicy {
+        UrlPolicy::new(self.allow_http, self.allowed_cidrs.clone())
+    }
+
+    /// Rejects combinations that would misbehave at run time.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.lease <= self.request_timeout {
+            return Err(format!(
+                "--lease ({:?}) must be longer than --request-timeout ({:?}), or a slow receiver would get the same delivery twice",
+                self.lease, self.request_timeout
+            ));
+        }
+        if self.worker_concurrency == 0 {
+            return Err("--worker-concurrency must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses `250ms`, `5s`, `30m`, `2h`, `5d` and combinations such as `1h30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| format!("`{text}` is not a duration: {e}"))
+}

@@ -1,0 +1,104 @@
+//! The request a delivery attempt sends: body, headers and signatures.
+
+use bytes::Bytes;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::domain::CustomHeaders;
+use crate::signing::{Secret, signature_header};
+use crate::store::{ClaimedDelivery, Millis};
+use crate::url_safety::{TargetUrl, UrlPolicy};
+
+/// A fully built, signed request, ready for the sender.
+#[derive(Debug)]
+pub struct OutgoingRequest {
+    pub url: TargetUrl,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Why a delivery could not even be attempted.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("target URL {0}")]
+    UnsafeTarget(#[from] crate::url_safety::UrlError),
+    #[error("stored webhook is unusable: {0}")]
+    Corrupt(String),
+}
+
+/// RFC 3339 text of a stored time, as the envelope and the API show it.
+pub fn rfc3339(at: Millis) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(at as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// The body: the Standard Webhooks envelope, or the payload as published
+/// for a webhook with `raw_payload`. The payload is stored as validated JSON
+/// text and spliced in unparsed.
+pub fn body(delivery: &ClaimedDelivery) -> Bytes {
+    if delivery.raw_payload {
+        return Bytes::from(delivery.payload.clone());
+    }
+    let event_type = serde_json::Value::from(delivery.event_type.as_str());
+    let envelope = format!(
+        r#"{{"type":{event_type},"timestamp":"{}","data":{}}}"#,
+        rfc3339(delivery.event_created_at),
+        delivery.payload
+    );
+    Bytes::from(envelope)
+}
+
+/// The secrets that sign now: the current one, and the previous one while
+/// its rotation overlap lasts.
+pub fn active_secrets(delivery: &ClaimedDelivery, now: Millis) -> Result<Vec<Secret>, BuildError> {
+    let parse = |text: &str| Secret::parse(text).map_err(|e| BuildError::Corrupt(e.to_string()));
+    let mut secrets = vec![parse(&delivery.secret)?];
+    if let (Some(previous), Some(until)) = (
+        &delivery.previous_secret,
+        delivery.previous_secret_expires_at,
+    ) {
+        if until > now {
+            secrets.push(parse(previous)?);
+        }
+    }
+    Ok(secrets)
+}
+
+/// Builds the signed request for one attempt at `now`. The URL is checked
+/// again: the policy may have tightened since the webhook was registered.
+pub fn build(
+    delivery: &ClaimedDelivery,
+    policy: &UrlPolicy,
+    now: Millis,
+) -> Result<OutgoingRequest, BuildError> {
+    let url = policy.parse(&delivery.url)?;
+    let body = body(delivery);
+    let timestamp = now / 1000;
+    let signature = signature_header(
+        &active_secrets(delivery, now)?,
+        &delivery.event_id,
+        timestamp,
+        &body,
+    );
+
+    let custom = CustomHeaders::from_stored(&delivery.headers).map_err(BuildError::Corrupt)?;
+    let mut headers = HeaderMap::with_capacity(custom.as_map().len() + 4);
+    for (name, value) in custom.as_map() {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|e| BuildError::Corrupt(e.to_string()))?;
+        let value = HeaderValue::from_str(value).map_err(|e| BuildError::Corrupt(e.to_string()))?;
+        headers.insert(name, value);
+    }
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let id = HeaderValue::from_str(&delivery.event_id)
+        .map_err(|e| BuildError::Corrupt(e.to_string()))?;
+    headers.insert("webhook-id", id);
+    headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
+    let signature =
+        HeaderValue::from_str(&signature).map_err(|e| BuildError::Corrupt(e.to_string()))?;
+    headers.insert("webhook-signature", signature);
+    Ok(OutgoingRequest { url, headers, body })
+}

@@ -1,0 +1,160 @@
+//! The retry policy: what an attempt's result means for its delivery and
+//! its webhook.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use super::sender::{AttemptKind, SendResult};
+use crate::store::{AttemptRecord, AttemptRow, ClaimedDelivery, Millis, NextState, WebhookEffect};
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Delay before attempt n+1 after attempt n failed.
+    schedule: Vec<Duration>,
+    /// A webhook failing for this long is disabled.
+    disable_after: Duration,
+}
+
+impl RetryPolicy {
+    pub fn new(schedule: Vec<Duration>, disable_after: Duration) -> Self {
+        Self {
+            schedule,
+            disable_after,
+        }
+    }
+
+    /// Attempts a delivery gets before it is dead.
+    pub fn max_attempts(&self) -> i64 {
+        self.schedule.len() as i64 + 1
+    }
+
+    fn max_delay(&self) -> Duration {
+        self.schedule.iter().copied().max().unwrap_or_default()
+    }
+
+    /// How long to wait after failed attempt `number` (1-based), or `None`
+    /// when it was the last. The receiver's `Retry-After` wins, capped at the
+    /// schedule's largest delay; otherwise the schedule, with ±10% jitter so
+    /// a recovering receiver is not hit by every retry at once.
+    pub fn delay_after(&self, number: i64, retry_after: Option<Duration>) -> Option<Duration> {
+        let scheduled = *self.schedule.get(usize::try_from(number - 1).ok()?)?;
+        if let Some(asked) = retry_after {
+            return Some(asked.min(self.max_delay()));
+        }
+        Some(scheduled.mul_f64(rand::rng().random_range(0.9..=1.1)))
+    }
+
+    /// Turns one attempt's result into the record the store applies.
+    pub fn decide(
+        &self,
+        delivery: &ClaimedDelivery,
+        result: SendResult,
+        now: Millis,
+    ) -> AttemptRecord {
+        let number = delivery.attempts + 1;
+        let (next, webhook) = match result.kind {
+            AttemptKind::Success => (NextState::Succeeded, WebhookEffect::Healthy),
+            _ if result.status_code == Some(410) => (
+                NextState::Dead {
+                    error: result.summary(),
+                },
+                WebhookEffect::Disable {
+                    reason: "the receiver answered 410 Gone".into(),
+                },
+            ),
+            _ => {
+                let error = result.summary();
+                let next = match self.delay_after(number, result.retry_after) {
+                    Some(delay) => NextState::Retry {
+                        due_at: now + delay.as_millis() as Millis,
+                        error,
+                    },
+                    None => NextState::Dead { error },
+                };
+                let cutoff = now - self.disable_after.as_millis() as Millis;
+                (
+                    next,
+                    WebhookEffect::Failing {
+                        disable_if_failing_since: cutoff,
+                    },
+                )
+            }
+        };
+        AttemptRecord {
+            delivery_id: delivery.id.clone(),
+            claim_token: delivery.claim_token.clone(),
+            webhook_id: delivery.webhook_id.clone(),
+            attempt: Some(AttemptRow {
+                number,
+                started_at: result.started_at,
+                duration_ms: result.duration.as_millis() as i64,
+                outcome: result.kind.as_str(),
+                status_code: result.status_code.map(i64::from),
+                response_body: result.response_body,
+                error: result.error,
+            }),
+            next,
+            webhook,
+            now,
+        }
+    }
+
+    /// A delivery whose webhook was disabled ends without an attempt; a
+    /// manual retry after re-enabling sends it.
+    pub fn abandon(&self, delivery: &ClaimedDelivery, now: Millis) -> AttemptRecord {
+        let reason = delivery
+            .disabled_reason
+            .as_deref()
+            .unwrap_or("disabled by a user");
+        AttemptRecord {
+            delivery_id: delivery.id.clone(),
+            claim_token: delivery.claim_token.clone(),
+            webhook_id: delivery.webhook_id.clone(),
+            attempt: None,
+            next: NextState::Dead {
+                error: format!("webhook disabled: {reason}"),
+            },
+            webhook: WebhookEffect::None,
+            now,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        let s = Duration::from_secs;
+        RetryPolicy::new(vec![s(5), s(300), s(1800)], s(5 * 86400))
+    }
+
+    #[test]
+    fn schedule_with_jitter_then_dead() {
+        let p = policy();
+        assert_eq!(p.max_attempts(), 4);
+        let first = p.delay_after(1, None).unwrap();
+        assert!(
+            first >= Duration::from_millis(4500) && first <= Duration::from_millis(5500),
+            "{first:?}"
+        );
+        let third = p.delay_after(3, None).unwrap();
+        assert!(third >= Duration::from_secs(1620) && third <= Duration::from_secs(1980));
+        assert_eq!(p.delay_after(4, None), None);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_capped() {
+        let p = policy();
+        assert_eq!(
+            p.delay_after(1, Some(Duration::from_secs(42))),
+            Some(Duration::from_secs(42))
+        );
+        assert_eq!(
+            p.delay_after(1, Some(Duration::from_secs(99_999))),
+            Some(Duration::from_secs(1800))
+        );
+        assert_eq!(p.delay_after(4, Some(Duration::from_secs(1))), None);
+    }
+}

@@ -1,0 +1,201 @@
+//! The delivery worker: claims due deliveries in batches, sends each on its
+//! own task (at most `concurrency` at once), and hands results to a recorder
+//! task that writes them back in batches, one transaction per batch.
+//!
+//! On shutdown it stops claiming, lets in-flight attempts finish within the
+//! grace period, and gives whatever is still unfinished back to the queue.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::message;
+use super::retry::RetryPolicy;
+use super::sender::{SendResult, Sender};
+use crate::store::{AttemptRecord, ClaimedDelivery, Store, now_ms};
+use crate::url_safety::UrlPolicy;
+
+/// Most deliveries claimed, or results recorded, per transaction.
+const MAX_BATCH: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub concurrency: usize,
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// Claimed deliveries not yet recorded: (delivery id → claim token).
+type InFlight = Arc<Mutex<HashMap<String, String>>>;
+
+pub struct Worker {
+    store: Store,
+    sender: Sender,
+    policy: UrlPolicy,
+    retry: RetryPolicy,
+    config: WorkerConfig,
+    wake: Arc<Notify>,
+}
+
+impl Worker {
+    pub fn new(
+        store: Store,
+        sender: Sender,
+        policy: UrlPolicy,
+        retry: RetryPolicy,
+        config: WorkerConfig,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            store,
+            sender,
+            policy,
+            retry,
+            config,
+            wake,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains as described above.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let this = Arc::new(self);
+        let (results, recorder_rx) = mpsc::channel(this.config.concurrency * 2);
+        let recorder = tokio::spawn(record_loop(this.store.clone(), recorder_rx));
+        let slots = Arc::new(Semaphore::new(this.config.concurrency));
+        let in_flight: InFlight = Arc::default();
+        let mut tasks = JoinSet::new();
+
+        while !shutdown.is_cancelled() {
+            while tasks.try_join_next().is_some() {}
+            let free = slots.available_permits().min(MAX_BATCH);
+            if free == 0 {
+                tokio::select! {
+                    _ = tasks.join_next() => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            let claimed = match this.store.claim_due(free as u32, this.config.lease).await {
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    tracing::error!(%error, "claiming deliveries failed");
+                    Vec::new()
+                }
+            };
+            if claimed.is_empty() {
+                tokio::select! {
+                    _ = this.wake.notified() => {}
+                    _ = tokio::time::sleep(this.config.poll_interval) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            for delivery in claimed {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    // Cannot happen: we claimed no more than the free slots.
+                    break;
+                };
+                in_flight
+                    .lock()
+                    .expect("in-flight map poisoned")
+                    .insert(delivery.id.clone(), delivery.claim_token.clone());
+                let this = this.clone();
+                let results = results.clone();
+                let in_flight = in_flight.clone();
+                tasks.spawn(async move {
+                    let id = delivery.id.clone();
+                    let record = this.attempt(&delivery).await;
+                    // Recorded by the recorder from here on, so no longer ours
+                    // to release.
+                    if results.send(record).await.is_ok() {
+                        in_flight
+                            .lock()
+                            .expect("in-flight map poisoned")
+                            .remove(&id);
+                    }
+                    drop(permit);
+                });
+            }
+        }
+        self_drain(this, tasks, results, recorder, in_flight).await;
+    }
+
+    /// One attempt of one delivery, start to decision.
+    async fn attempt(&self, delivery: &ClaimedDelivery) -> AttemptRecord {
+        let now = now_ms();
+        if !delivery.enabled {
+            return self.retry.abandon(delivery, now);
+        }
+        let result = match message::build(delivery, &self.policy, now) {
+            Ok(request) => self.sender.send(request).await,
+            Err(error) => SendResult::refused(error),
+        };
+        tracing::debug!(delivery = %delivery.id, outcome = result.kind.as_str(), "attempt finished");
+        self.retry.decide(delivery, result, now_ms())
+    }
+}
+
+/// Shutdown: wait for in-flight attempts up to the grace period, record
+/// what finished, and release the rest so another process (or this one,
+/// after restart) sends them at once instead of after the lease.
+async fn self_drain(
+    this: Arc<Worker>,
+    mut tasks: JoinSet<()>,
+    results: mpsc::Sender<AttemptRecord>,
+    recorder: tokio::task::JoinHandle<()>,
+    in_flight: InFlight,
+) {
+    let grace = this.config.shutdown_grace;
+    let finished =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if finished.is_err() {
+        tracing::warn!(
+            ?grace,
+            "in-flight deliveries did not finish in time; releasing them"
+        );
+        tasks.shutdown().await;
+    }
+    drop(results);
+    let _ = recorder.await;
+    let unfinished: Vec<(String, String)> = in_flight
+        .lock()
+        .expect("in-flight map poisoned")
+        .drain()
+        .collect();
+    if !unfinished.is_empty() {
+        if let Err(error) = this.store.release(&unfinished).await {
+            tracing::error!(%error, "releasing deliveries failed; they return when their lease ends");
+        }
+    }
+}
+
+/// Writes results in batches. A failed write is retried a few times: the
+/// results are the only record of attempts that already happened. If the
+/// database stays away, the deliveries stay claimed and are sent again when
+/// their lease ends (at-least-once).
+async fn record_loop(store: Store, mut results: mpsc::Receiver<AttemptRecord>) {
+    const TRIES: u32 = 8;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while results.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let mut backoff = Duration::from_millis(50);
+        for tried in 1..=TRIES {
+            match store.record_attempts(&batch).await {
+                Ok(()) => break,
+                Err(error) if tried == TRIES => {
+                    tracing::error!(%error, lost = batch.len(), "recording attempts failed; leases will resend them");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "recording attempts failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        batch.clear();
+    }
+}

@@ -1,0 +1,228 @@
+//! Domain values that parse instead of validate: an event type, a
+//! webhook's event-type filter, custom delivery headers, an event id.
+//! Each type can only hold a value that passed its checks.
+
+use std::collections::BTreeMap;
+
+use reqwest::header::{HeaderName, HeaderValue};
+
+const MAX_EVENT_TYPE_LEN: usize = 256;
+const MAX_FILTERS: usize = 256;
+const MAX_HEADERS: usize = 32;
+const MAX_ID_LEN: usize = 256;
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/')
+}
+
+/// An event type such as `invoice.paid`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventType(String);
+
+impl EventType {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() || text.len() > MAX_EVENT_TYPE_LEN {
+            return Err(format!("must be 1 to {MAX_EVENT_TYPE_LEN} characters"));
+        }
+        if let Some(bad) = text.chars().find(|c| !is_name_char(*c)) {
+            return Err(format!(
+                "contains `{bad}`; use letters, digits and . _ - : /"
+            ));
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Which event types a webhook receives: exact names and prefix wildcards
+/// (`invoice.*`); `*` or no filter at all means every type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventTypeFilter(Option<Vec<String>>);
+
+impl EventTypeFilter {
+    /// Parses what a client sent; `None` subscribes to everything.
+    pub fn parse(items: Option<&[String]>) -> Result<Self, String> {
+        let Some(items) = items else {
+            return Ok(Self(None));
+        };
+        if items.is_empty() {
+            return Err("must list at least one event type; omit it or send null for all".into());
+        }
+        if items.len() > MAX_FILTERS {
+            return Err(format!("may hold at most {MAX_FILTERS} entries"));
+        }
+        for item in items {
+            let name = item.strip_suffix('*').unwrap_or(item);
+            let prefix_ok = name.is_empty() || name.ends_with('.') || !item.ends_with('*');
+            if !prefix_ok {
+                return Err(format!(
+                    "`{item}`: a wildcard must follow a dot, as in `invoice.*`"
+                ));
+            }
+            if !name.is_empty() {
+                EventType::parse(name).map_err(|e| format!("`{item}` {e}"))?;
+            }
+        }
+        Ok(Self(Some(items.to_vec())))
+    }
+
+    /// Reads the stored form (a JSON array, or NULL).
+    pub fn from_stored(stored: Option<&str>) -> Result<Self, String> {
+        match stored {
+            None => Ok(Self(None)),
+            Some(json) => serde_json::from_str(json)
+                .map(|items| Self(Some(items)))
+                .map_err(|e| format!("event_types column: {e}")),
+        }
+    }
+
+    pub fn to_stored(&self) -> Option<String> {
+        self.0
+            .as_ref()
+            .map(|items| serde_json::Value::from(items.clone()).to_string())
+    }
+
+    pub fn items(&self) -> Option<&[String]> {
+        self.0.as_deref()
+    }
+
+    pub fn matches(&self, event_type: &str) -> bool {
+        let Some(items) = &self.0 else {
+            return true;
+        };
+        items.iter().any(|item| match item.strip_suffix('*') {
+            Some(prefix) => event_type.starts_with(prefix),
+            None => item == event_type,
+        })
+    }
+}
+
+/// Extra request headers a webhook sends with every delivery. Names that
+/// the gateway sets itself, or that would corrupt the request, are refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CustomHeaders(BTreeMap<String, String>);
+
+/// Headers only the gateway may set.
+pub fn is_reserved_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.starts_with("webhook-")
+        || matches!(
+            name.as_str(),
+            "content-length"
+                | "content-type"
+                | "host"
+                | "transfer-encoding"
+                | "connection"
+                | "user-agent"
+                | "te"
+                | "upgrade"
+                | "keep-alive"
+                | "proxy-connection"
+                | "trailer"
+        )
+}
+
+impl CustomHeaders {
+    pub fn parse(map: &BTreeMap<String, String>) -> Result<Self, String> {
+        if map.len() > MAX_HEADERS {
+            return Err(format!("may hold at most {MAX_HEADERS} headers"));
+        }
+        let mut headers = BTreeMap::new();
+        for (name, value) in map {
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("`{name}` is not a valid header name"))?;
+            HeaderValue::from_str(value)
+                .map_err(|_| format!("the value of `{name}` is not a valid header value"))?;
+            if is_reserved_header(name) {
+                return Err(format!(
+                    "`{name}` is set by the gateway and cannot be overridden"
+                ));
+            }
+            headers.insert(name.to_ascii_lowercase(), value.clone());
+        }
+        Ok(Self(headers))
+    }
+
+    pub fn from_stored(json: &str) -> Result<Self, String> {
+        serde_json::from_str(json)
+            .map(Self)
+            .map_err(|e| format!("headers column: {e}"))
+    }
+
+    pub fn to_stored(&self) -> String {
+        serde_json::to_string(&self.0).unwrap_or_else(|_| "{}".into())
+    }
+
+    pub fn as_map(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+}
+
+/// A client-chosen event id; it becomes the `webhook-id` header.
+pub fn parse_event_id(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > MAX_ID_LEN {
+        return Err(format!("must be 1 to {MAX_ID_LEN} characters"));
+    }
+    if let Some(bad) = text
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        return Err(format!("contains `{bad}`; use letters, digits and _ - ."));
+    }
+    Ok(text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(items: &[&str]) -> EventTypeFilter {
+        let items: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+        EventTypeFilter::parse(Some(&items)).unwrap()
+    }
+
+    #[test]
+    fn exact_and_prefix_filters() {
+        let f = filter(&["invoice.*", "user.created"]);
+        assert!(f.matches("invoice.paid"));
+        assert!(f.matches("invoice.line.added"));
+        assert!(f.matches("user.created"));
+        assert!(!f.matches("user.deleted"));
+        assert!(!f.matches("invoices.paid"));
+        assert!(filter(&["*"]).matches("anything"));
+        assert!(EventTypeFilter::parse(None).unwrap().matches("x"));
+    }
+
+    #[test]
+    fn bad_filters_are_refused() {
+        for bad in [
+            vec![],
+            vec!["invoice*".to_string()],
+            vec!["in voice".to_string()],
+        ] {
+            assert!(EventTypeFilter::parse(Some(&bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reserved_headers_are_refused() {
+        for name in [
+            "webhook-signature",
+            "Webhook-Id",
+            "Host",
+            "content-length",
+            "Connection",
+        ] {
+            let map = BTreeMap::from([(name.to_string(), "x".to_string())]);
+            assert!(CustomHeaders::parse(&map).is_err(), "{name}");
+        }
+        let map = BTreeMap::from([("X-Tenant".to_string(), "acme".to_string())]);
+        assert_eq!(
+            CustomHeaders::parse(&map).unwrap().as_map()["x-tenant"],
+            "acme"
+        );
+    }
+}

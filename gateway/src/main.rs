@@ -1,0 +1,101 @@
+//! The `wasmhook` command: `serve` runs the gateway, `migrate` applies
+//! database migrations and exits.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use wasmhook::config::Settings;
+use wasmhook::server::Gateway;
+use wasmhook::store::Store;
+
+#[derive(Parser)]
+#[command(name = "wasmhook", version, about = "Self-hosted webhook gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API and the delivery worker.
+    Serve(Box<Settings>),
+    /// Apply database migrations and exit.
+    Migrate {
+        #[arg(
+            long,
+            env = "WASMHOOK_DATABASE_URL",
+            default_value = "sqlite://wasmhook.db"
+        )]
+        database_url: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("WASMHOOK_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(settings) => serve(&settings).await,
+        Command::Migrate { database_url } => {
+            Store::migrate(&database_url)
+                .await
+                .context("migration failed")?;
+            println!("migrations applied to {database_url}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(settings: &Settings) -> anyhow::Result<()> {
+    let gateway = Gateway::build(settings)
+        .await
+        .context("gateway failed to start")?;
+    let addr = gateway.local_addr()?;
+    let mut out = std::io::stdout().lock();
+    if let Some(token) = &gateway.generated_admin_token {
+        writeln!(
+            out,
+            "generated admin token (shown only now, store it safely): {token}"
+        )?;
+    }
+    writeln!(out, "wasmhook listening on http://{addr}")?;
+    out.flush()?;
+    drop(out);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    gateway
+        .run(shutdown)
+        .await
+        .context("gateway stopped with an error")?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Cancels `shutdown` on ctrl-c or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down: no new claims, finishing in-flight deliveries");
+    shutdown.cancel();
+}

@@ -1,0 +1,126 @@
+//! Start-up and shutdown: opens the store, settles the admin token, binds
+//! the listener, and runs the API and the delivery worker until the
+//! shutdown token is cancelled.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState, Limits, token_hash};
+use crate::config::Settings;
+use crate::delivery::{RetryPolicy, Sender, Worker, WorkerConfig};
+use crate::store::{Store, StoreError};
+
+const ADMIN_TOKEN_HASH_KEY: &str = "admin_token_sha256";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Sender(#[from] crate::delivery::sender::SenderError),
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A gateway ready to run: database open, port bound.
+pub struct Gateway {
+    listener: TcpListener,
+    state: AppState,
+    worker: Worker,
+    /// Set when this start generated the admin token: shown once.
+    pub generated_admin_token: Option<String>,
+}
+
+impl Gateway {
+    pub async fn build(settings: &Settings) -> Result<Self, StartError> {
+        settings.validate().map_err(StartError::Config)?;
+        let store = Store::open(&settings.database_url).await?;
+        let (admin_token_hash, generated_admin_token) = admin_token(&store, settings).await?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|e| StartError::Listen(settings.listen, e))?;
+        let policy = settings.url_policy();
+        let wake = Arc::new(Notify::new());
+        let state = AppState {
+            store: store.clone(),
+            policy: policy.clone(),
+            admin_token_hash: admin_token_hash.into(),
+            wake: wake.clone(),
+            limits: Limits {
+                max_payload_bytes: settings.max_payload_bytes,
+                secret_rotation_overlap: settings.secret_rotation_overlap,
+                idempotency_window: settings.idempotency_window,
+            },
+        };
+        let sender = Sender::new(
+            policy.clone(),
+            settings.request_timeout,
+            settings.worker_concurrency,
+        )?;
+        let retry = RetryPolicy::new(settings.retry_schedule.clone(), settings.disable_after);
+        let worker_config = WorkerConfig {
+            concurrency: settings.worker_concurrency,
+            lease: settings.lease,
+            poll_interval: settings.poll_interval,
+            shutdown_grace: settings.shutdown_grace,
+        };
+        let worker = Worker::new(store, sender, policy, retry, worker_config, wake);
+        Ok(Self {
+            listener,
+            state,
+            worker,
+            generated_admin_token,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled: the API stops accepting, the
+    /// worker stops claiming and drains, then the database is closed.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        let store = self.state.store.clone();
+        let worker = tokio::spawn(self.worker.run(shutdown.clone()));
+        let app = api::router(self.state);
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await;
+        // The worker may still be draining after the API stopped.
+        shutdown.cancel();
+        let _ = worker.await;
+        store.close().await;
+        served.map_err(StartError::Serve)
+    }
+}
+
+/// The admin token's hash: from the configured token, or from the one
+/// generated on the first start (whose hash is all that is stored).
+async fn admin_token(
+    store: &Store,
+    settings: &Settings,
+) -> Result<(String, Option<String>), StoreError> {
+    if let Some(token) = &settings.admin_token {
+        return Ok((token_hash(token), None));
+    }
+    if let Some(hash) = store.setting(ADMIN_TOKEN_HASH_KEY).await? {
+        return Ok((hash, None));
+    }
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = format!("wha_{}", hex::encode(bytes));
+    let stored = store
+        .setting_insert_if_absent(ADMIN_TOKEN_HASH_KEY, &token_hash(&token))
+        .await?;
+    let generated = (stored == token_hash(&token)).then_some(token);
+    Ok((stored, generated))
+}

@@ -1,1 +1,20 @@
+//! Test harness for black-box tests and the benchmark: spawns the real
+//! `wasmhook` binary on a random port with a fresh SQLite file
+//! ([`TestGateway`]), and runs real HTTP receivers on 127.0.0.1
+//! ([`Receiver`]) that record what they get and answer as scripted.
 
+mod gateway;
+mod receiver;
+
+pub use gateway::{GatewayBuilder, TestGateway, gateway_binary, spawn_app};
+pub use receiver::{Received, Receiver, Reply};
+
+/// Checks a delivery with the `standardwebhooks` crate, an implementation
+/// of the spec not written here.
+pub fn verify_signature(secret: &str, received: &Received) -> Result<(), String> {
+    let verifier =
+        standardwebhooks::Webhook::new(secret).map_err(|e| format!("bad secret: {e}"))?;
+    verifier
+        .verify(&received.body, &received.headers)
+        .map_err(|e| format!("signature does not verify: {e}"))
+}

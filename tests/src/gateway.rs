@@ -1,0 +1,300 @@
+//! Spawns the real `wasmhook` binary: a fresh SQLite file in a temporary
+//! directory, a random port, and the admin token set by the test.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// The gateway binary built from this workspace. `scripts/test` builds it
+/// before the tests; `WASMHOOK_BIN` overrides the path.
+pub fn gateway_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("WASMHOOK_BIN") {
+        return path.into();
+    }
+    // This test binary lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target/<profile>");
+    let path = profile_dir.join("wasmhook");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p wasmhook-gateway` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Settings for a gateway under test; the defaults let it deliver to
+/// receivers on 127.0.0.1 and retry quickly.
+#[derive(Clone)]
+pub struct GatewayBuilder {
+    env: Vec<(String, String)>,
+}
+
+impl Default for GatewayBuilder {
+    fn default() -> Self {
+        let env = [
+            ("WASMHOOK_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("WASMHOOK_ALLOW_HTTP", "true"),
+            ("WASMHOOK_ALLOWED_CIDRS", "127.0.0.0/8,::1/128"),
+            ("WASMHOOK_RETRY_SCHEDULE", "100ms,100ms,100ms"),
+            ("WASMHOOK_POLL_INTERVAL", "50ms"),
+            ("WASMHOOK_REQUEST_TIMEOUT", "5s"),
+            ("WASMHOOK_LEASE", "10s"),
+            ("WASMHOOK_SHUTDOWN_GRACE", "5s"),
+            ("WASMHOOK_LOG", "wasmhook=debug,info"),
+        ];
+        Self {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+}
+
+impl GatewayBuilder {
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn without_env(mut self, key: &str) -> Self {
+        self.env.retain(|(k, _)| k != key);
+        self
+    }
+
+    pub async fn spawn(self) -> TestGateway {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        TestGateway::start(self, dir).await
+    }
+}
+
+pub async fn spawn_app() -> TestGateway {
+    GatewayBuilder::default().spawn().await
+}
+
+/// A running gateway process. Killed when dropped.
+pub struct TestGateway {
+    pub base_url: String,
+    /// What the process printed on stdout before it was ready.
+    pub banner: Vec<String>,
+    pub client: reqwest::Client,
+    pub token: String,
+    child: Child,
+    builder: GatewayBuilder,
+    dir: Arc<TempDir>,
+}
+
+impl TestGateway {
+    async fn start(builder: GatewayBuilder, dir: Arc<TempDir>) -> Self {
+        let db = dir.path().join("wasmhook.db");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("gateway.log"))
+            .expect("log file");
+        let mut command = Command::new(gateway_binary());
+        command
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env(
+                "WASMHOOK_DATABASE_URL",
+                format!("sqlite://{}", db.display()),
+            )
+            .env("WASMHOOK_LISTEN", "127.0.0.1:0")
+            .envs(builder.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("spawn wasmhook");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut banner = Vec::new();
+        let ready = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                banner.push(line.clone());
+                if let Some(url) = line.strip_prefix("wasmhook listening on ") {
+                    return Some(url.to_owned());
+                }
+            }
+            None
+        })
+        .await;
+        let base_url = match ready {
+            Ok(Some(url)) => url,
+            _ => panic!(
+                "gateway did not start; its log:\n{}",
+                std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default()
+            ),
+        };
+        // Keep draining stdout so the process never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let token = builder
+            .env
+            .iter()
+            .find(|(k, _)| k == "WASMHOOK_ADMIN_TOKEN")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        Self {
+            base_url,
+            banner,
+            client: reqwest::Client::new(),
+            token,
+            child,
+            builder,
+            dir,
+        }
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.dir.path().join("wasmhook.db")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("gateway is running")
+    }
+
+    /// SIGKILL, as a crash would.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.expect("kill gateway");
+    }
+
+    /// SIGTERM, and waits for the process to exit; returns its status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.pid().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("gateway exits after SIGTERM")
+            .expect("wait for gateway")
+    }
+
+    /// Starts a new process on the same database (after a kill or a
+    /// shutdown), with the same settings.
+    pub async fn restart(self) -> TestGateway {
+        self.with_settings(|builder| builder).await
+    }
+
+    /// Like [`restart`](Self::restart), with changed settings.
+    pub async fn with_settings(
+        self,
+        change: impl FnOnce(GatewayBuilder) -> GatewayBuilder,
+    ) -> TestGateway {
+        let mut old = self;
+        let _ = old.child.kill().await;
+        TestGateway::start(change(old.builder.clone()), old.dir.clone()).await
+    }
+
+    /// A request with the admin token.
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.request_as(&self.token, method, path)
+    }
+
+    pub fn request_as(&self, token: &str, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{}", self.base_url, path))
+            .bearer_auth(token)
+    }
+
+    /// Sends a request and returns the status and JSON body (`null` when
+    /// empty).
+    pub async fn call(&self, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let response = request.send().await.expect("gateway answers");
+        let status = response.status();
+        let text = response.text().await.expect("response body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("non-JSON response {status}: {text}"))
+        };
+        (status, body)
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(self.request(Method::GET, path)).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(self.request(Method::POST, path).json(&body))
+            .await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(self.request(Method::PATCH, path).json(&body))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.call(self.request(Method::DELETE, path)).await
+    }
+
+    /// Creates an app and returns its id.
+    pub async fn create_app(&self, name: &str) -> String {
+        let (status, body) = self.post("/v1/apps", json!({ "name": name })).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Registers a webhook and returns the whole creation response (which
+    /// holds the secret).
+    pub async fn create_webhook(&self, app: &str, body: Value) -> Value {
+        let (status, created) = self.post(&format!("/v1/apps/{app}/webhooks"), body).await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        created
+    }
+
+    /// Publishes an event and returns the 202 body.
+    pub async fn publish(&self, app: &str, event_type: &str, payload: Value) -> Value {
+        let body = json!({ "event_type": event_type, "payload": payload });
+        let (status, accepted) = self.post(&format!("/v1/apps/{app}/events"), body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+        accepted
+    }
+
+    /// Polls a delivery until its status is `status`; panics after `timeout`
+    /// with the delivery as last seen.
+    pub async fn wait_for_delivery(
+        &self,
+        app: &str,
+        delivery: &str,
+        status: &str,
+        timeout: Duration,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (code, body) = self
+                .get(&format!("/v1/apps/{app}/deliveries/{delivery}"))
+                .await;
+            assert_eq!(code, StatusCode::OK, "{body}");
+            if body["status"] == status {
+                return body;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("delivery never became {status}: {body:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Args;
 use clap::builder::BoolishValueParser;
+use clap::{Args, ValueEnum};
 use ipnet::IpNet;
 
 use crate::url_safety::UrlPolicy;
@@ -19,6 +19,12 @@ pub struct Settings {
         default_value = "sqlite://wasmhook.db"
     )]
     pub database_url: String,
+
+    /// What this process runs: the REST API and the delivery worker
+    /// (`all`), only the API (`api`), or only the worker (`worker`, which
+    /// still answers /healthz and /readyz).
+    #[arg(long, env = "WASMHOOK_ROLE", value_enum, default_value_t = Role::All)]
+    pub role: Role,
 
     /// Address the REST API listens on (port 0 picks a free port).
     #[arg(long, env = "WASMHOOK_LISTEN", default_value = "127.0.0.1:8080")]
@@ -83,6 +89,23 @@ pub struct Settings {
     /// them back to the queue.
     #[arg(long, env = "WASMHOOK_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    All,
+    Api,
+    Worker,
+}
+
+impl Role {
+    pub fn serves_api(self) -> bool {
+        matches!(self, Self::All | Self::Api)
+    }
+
+    pub fn delivers(self) -> bool {
+        matches!(self, Self::All | Self::Worker)
+    }
 }
 
 impl Settings {

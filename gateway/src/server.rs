@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, Limits, token_hash};
-use crate::config::Settings;
+use crate::config::{Role, Settings};
 use crate::delivery::{RetryPolicy, Sender, Worker, WorkerConfig};
 use crate::store::{Store, StoreError};
 
@@ -36,6 +36,7 @@ pub struct Gateway {
     listener: TcpListener,
     state: AppState,
     worker: Worker,
+    role: Role,
     /// Set when this start generated the admin token: shown once.
     pub generated_admin_token: Option<String>,
 }
@@ -78,6 +79,7 @@ impl Gateway {
             listener,
             state,
             worker,
+            role: settings.role,
             generated_admin_token,
         })
     }
@@ -90,14 +92,19 @@ impl Gateway {
     /// worker stops claiming and drains, then the database is closed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let store = self.state.store.clone();
-        let worker = tokio::spawn(self.worker.run(shutdown.clone()));
-        let app = api::router(self.state);
+        let worker = self
+            .role
+            .delivers()
+            .then(|| tokio::spawn(self.worker.run(shutdown.clone())));
+        let app = api::router(self.state, self.role.serves_api());
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .await;
         // The worker may still be draining after the API stopped.
         shutdown.cancel();
-        let _ = worker.await;
+        if let Some(worker) = worker {
+            let _ = worker.await;
+        }
         store.close().await;
         served.map_err(StartError::Serve)
     }

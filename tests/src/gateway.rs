@@ -14,25 +14,27 @@ use tokio::process::{Child, Command};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
-/// The gateway binary built from this workspace. `scripts/test` builds it
-/// before the tests; `WASMHOOK_BIN` overrides the path.
+/// The gateway binary built from this workspace, beside the running
+/// executable: tests live in target/<profile>/deps/, the benchmark in
+/// target/<profile>/. `WASMHOOK_BIN` overrides the path.
 pub fn gateway_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("WASMHOOK_BIN") {
         return path.into();
     }
-    // This test binary lives in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target/<profile>");
-    let path = profile_dir.join("wasmhook");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build -p wasmhook-gateway` first (scripts/test does)",
-        path.display()
-    );
-    path
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("wasmhook"))
+        .collect();
+    match candidates.iter().find(|path| path.exists()) {
+        Some(path) => path.clone(),
+        None => panic!(
+            "no wasmhook binary at {candidates:?}: build it first with `cargo build -p wasmhook-gateway` \
+             (add --release for the benchmark); scripts/test does this for the tests"
+        ),
+    }
 }
 
 /// Settings for a gateway under test; the defaults let it deliver to

@@ -80,7 +80,7 @@ pub async fn publish(
         idempotency_key: idempotency_key(&headers)?,
         dedup_since: now_ms() - state.limits.idempotency_window.as_millis() as i64,
     };
-    let published = state.store.publish(&event).await?;
+    let published = state.store.publish(event).await?;
     if !published.deliveries.is_empty() && !published.replayed {
         state.wake.notify_one();
     }

@@ -46,7 +46,8 @@ pub struct Limits {
     pub idempotency_window: Duration,
 }
 
-pub fn router(state: AppState) -> Router {
+/// The routes of a process; a worker-only process serves just the probes.
+pub fn router(state: AppState, serve_api: bool) -> Router {
     let body_limit = state.limits.max_payload_bytes + BODY_OVERHEAD;
     let v1 = Router::new()
         .route("/apps", post(apps::create).get(apps::list))
@@ -82,10 +83,15 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/apps/{app}/deliveries/{id}", get(deliveries::show))
         .route("/apps/{app}/deliveries/{id}/retry", post(deliveries::retry));
-    Router::new()
+    let probes = Router::new()
         .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .nest("/v1", v1)
+        .route("/readyz", get(health::readyz));
+    let routes = if serve_api {
+        probes.nest("/v1", v1)
+    } else {
+        probes
+    };
+    routes
         .fallback(|| async { ApiError::no_route() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit))

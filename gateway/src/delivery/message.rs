@@ -59,10 +59,9 @@ pub fn active_secrets(delivery: &ClaimedDelivery, now: Millis) -> Result<Vec<Sec
     if let (Some(previous), Some(until)) = (
         &delivery.previous_secret,
         delivery.previous_secret_expires_at,
-    ) {
-        if until > now {
-            secrets.push(parse(previous)?);
-        }
+    ) && until > now
+    {
+        secrets.push(parse(previous)?);
     }
     Ok(secrets)
 }

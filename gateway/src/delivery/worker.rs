@@ -167,10 +167,10 @@ async fn self_drain(
         .expect("in-flight map poisoned")
         .drain()
         .collect();
-    if !unfinished.is_empty() {
-        if let Err(error) = this.store.release(&unfinished).await {
-            tracing::error!(%error, "releasing deliveries failed; they return when their lease ends");
-        }
+    if !unfinished.is_empty()
+        && let Err(error) = this.store.release(unfinished).await
+    {
+        tracing::error!(%error, "releasing deliveries failed; they return when their lease ends");
     }
 }
 
@@ -180,11 +180,12 @@ async fn self_drain(
 /// their lease ends (at-least-once).
 async fn record_loop(store: Store, mut results: mpsc::Receiver<AttemptRecord>) {
     const TRIES: u32 = 8;
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while results.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    let mut received = Vec::with_capacity(MAX_BATCH);
+    while results.recv_many(&mut received, MAX_BATCH).await > 0 {
+        let batch = Arc::new(std::mem::take(&mut received));
         let mut backoff = Duration::from_millis(50);
         for tried in 1..=TRIES {
-            match store.record_attempts(&batch).await {
+            match store.record_attempts(batch.clone()).await {
                 Ok(()) => break,
                 Err(error) if tried == TRIES => {
                     tracing::error!(%error, lost = batch.len(), "recording attempts failed; leases will resend them");
@@ -196,6 +197,5 @@ async fn record_loop(store: Store, mut results: mpsc::Receiver<AttemptRecord>) {
                 }
             }
         }
-        batch.clear();
     }
 }

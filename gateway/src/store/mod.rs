@@ -29,9 +29,13 @@ pub enum StoreError {
     #[error("not found")]
     NotFound,
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot open the database: {0}")]
+    Open(String),
+    #[error("the transaction holding this change failed to commit: {0}")]
+    Commit(String),
+    #[error("the write did not run: the database writer stopped or could not begin a transaction")]
+    WriterGone,
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
@@ -43,7 +47,7 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", ulid::Ulid::new())
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct App {
     pub id: String,
     pub uid: Option<String>,
@@ -52,7 +56,7 @@ pub struct App {
     pub updated_at: Millis,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Webhook {
     pub id: String,
     pub app_id: String,
@@ -72,7 +76,7 @@ pub struct Webhook {
     pub updated_at: Millis,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Event {
     pub id: String,
     pub app_id: String,
@@ -115,7 +119,7 @@ impl DeliveryStatus {
     }
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Delivery {
     pub id: String,
     pub app_id: String,
@@ -131,7 +135,7 @@ pub struct Delivery {
     pub updated_at: Millis,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Attempt {
     pub id: String,
     pub attempt: i64,
@@ -183,7 +187,7 @@ pub struct Published {
 }
 
 /// A delivery a worker claimed, with all it needs to make the attempt.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct ClaimedDelivery {
     pub id: String,
     pub claim_token: String,

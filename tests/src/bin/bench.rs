@@ -1,1 +1,315 @@
-fn main() {}
+//! The wasmhook benchmark: starts the (release) gateway on a fresh database
+//! and a receiver on 127.0.0.1, publishes events with concurrent publishers
+//! to several webhooks, and reports publish rate and latency, end-to-end
+//! delivery rate, publish→receipt latency and the gateway's peak RSS.
+//!
+//! `--backlog` publishes everything to an API-only process first, then
+//! starts a full gateway on the same database and measures how it drains
+//! the backlog (and how much memory that takes).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde_json::{Value, json};
+use wasmhook_tests::{GatewayBuilder, Receiver, TestGateway};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark the wasmhook gateway end to end on this machine")]
+struct Args {
+    /// Events to publish.
+    #[arg(long, default_value_t = 10_000)]
+    events: usize,
+    /// Concurrent publishers.
+    #[arg(long, default_value_t = 16)]
+    publishers: usize,
+    /// Webhooks subscribed to every event (deliveries = events × webhooks).
+    #[arg(long, default_value_t = 1)]
+    webhooks: usize,
+    /// Cap on the total publish rate in events/s (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Publish with no worker running, then measure draining the backlog.
+    #[arg(long)]
+    backlog: bool,
+    /// Approximate size of each event's JSON payload.
+    #[arg(long, default_value_t = 1024)]
+    payload_bytes: usize,
+    /// Extra gateway settings, as KEY=VALUE (repeatable).
+    #[arg(long = "gateway-env", value_parser = parse_key_value)]
+    gateway_env: Vec<(String, String)>,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
+}
+
+struct Published {
+    id: String,
+    started: Instant,
+    latency: Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.events == 0 || args.publishers == 0 || args.webhooks == 0 {
+        bail!("--events, --publishers and --webhooks must be at least 1");
+    }
+    let receiver = Receiver::start().await;
+    let mut builder = GatewayBuilder::default()
+        .env("WASMHOOK_LOG", "warn")
+        .env("WASMHOOK_RETRY_SCHEDULE", "1s,5s,30s");
+    for (key, value) in &args.gateway_env {
+        builder = builder.env(key, value);
+    }
+    if args.backlog {
+        builder = builder.env("WASMHOOK_ROLE", "api");
+    }
+    let gateway = builder.spawn().await;
+    let app = gateway.create_app("bench").await;
+    for i in 0..args.webhooks {
+        gateway
+            .create_webhook(&app, json!({ "url": receiver.url(&format!("/w{i}")) }))
+            .await;
+    }
+    let expected = args.events * args.webhooks;
+    println!(
+        "wasmhook bench: {} events × {} webhooks = {expected} deliveries, {} publishers, payload ≈{} B{}{}",
+        args.events,
+        args.webhooks,
+        args.publishers,
+        args.payload_bytes,
+        if args.rate > 0 {
+            format!(", rate cap {}/s", args.rate)
+        } else {
+            String::new()
+        },
+        if args.backlog { ", backlog mode" } else { "" },
+    );
+
+    let first_publish = Instant::now();
+    let published = publish_all(&gateway, &app, &args).await?;
+    let publish_elapsed = first_publish.elapsed();
+    report_publishing(&published, publish_elapsed);
+
+    let (gateway, drain_start) = if args.backlog {
+        let mut gateway = gateway;
+        gateway.terminate().await;
+        let gateway = gateway
+            .with_settings(|b| b.env("WASMHOOK_ROLE", "all"))
+            .await;
+        (gateway, Instant::now())
+    } else {
+        (gateway, first_publish)
+    };
+    wait_for_receipts(&receiver, expected).await?;
+    let last_receipt = receiver
+        .received()
+        .iter()
+        .map(|r| r.at)
+        .max()
+        .context("no receipts")?;
+    let drain = last_receipt - drain_start;
+    let label = if args.backlog {
+        "backlog drain rate"
+    } else {
+        "end-to-end delivery rate"
+    };
+    println!(
+        "{label:<26} {:>10.0} deliveries/s ({expected} in {:.2?})",
+        expected as f64 / drain.as_secs_f64(),
+        drain
+    );
+    if !args.backlog {
+        report_receipt_latency(&receiver, &published);
+    }
+    report_duplicates(&receiver, expected);
+    let (peak, last) = memory(gateway.pid());
+    println!(
+        "gateway peak RSS           {:>10.1} MiB (at the end {:.1} MiB)",
+        mib(peak),
+        mib(last)
+    );
+    Ok(())
+}
+
+/// A payload of about `bytes` bytes that looks like a real event.
+fn payload(n: usize, bytes: usize) -> Value {
+    let mut value = json!({
+        "invoice": { "id": format!("in_{n:08}"), "amount": 4200 + n as u64, "currency": "EUR", "status": "paid" },
+        "customer": { "id": format!("cus_{:06}", n % 1000), "email": "billing@example.com", "name": "Acme Corp" },
+        "lines": [
+            { "sku": "plan-pro", "quantity": 1, "unit_amount": 4000 },
+            { "sku": "seat", "quantity": 2, "unit_amount": 100 }
+        ],
+    });
+    let filler = bytes.saturating_sub(value.to_string().len() + 12);
+    value["metadata"] = json!({ "note": "x".repeat(filler) });
+    value
+}
+
+async fn publish_all(
+    gateway: &TestGateway,
+    app: &str,
+    args: &Args,
+) -> anyhow::Result<Vec<Published>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let url = format!("{}/v1/apps/{app}/events", gateway.base_url);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.publishers {
+        let (next, url, client, token) = (
+            next.clone(),
+            url.clone(),
+            gateway.client.clone(),
+            gateway.token.clone(),
+        );
+        let (events, rate, payload_bytes) = (args.events, args.rate, args.payload_bytes);
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= events {
+                    return Ok::<_, anyhow::Error>(mine);
+                }
+                if rate > 0 {
+                    tokio::time::sleep_until(
+                        (start + Duration::from_secs_f64(n as f64 / rate as f64)).into(),
+                    )
+                    .await;
+                }
+                let body =
+                    json!({ "event_type": "invoice.paid", "payload": payload(n, payload_bytes) });
+                let started = Instant::now();
+                let response = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .send()
+                    .await?;
+                let latency = started.elapsed();
+                if !response.status().is_success() {
+                    bail!(
+                        "publish answered {}: {}",
+                        response.status(),
+                        response.text().await?
+                    );
+                }
+                let accepted: Value = response.json().await?;
+                let id = accepted["id"].as_str().context("no id")?.to_owned();
+                mine.push(Published {
+                    id,
+                    started,
+                    latency,
+                });
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(args.events);
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(all)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index]
+}
+
+fn report_publishing(published: &[Published], elapsed: Duration) {
+    let mut latencies: Vec<Duration> = published.iter().map(|p| p.latency).collect();
+    latencies.sort();
+    println!(
+        "publish rate               {:>10.0} events/s ({} in {:.2?})",
+        published.len() as f64 / elapsed.as_secs_f64(),
+        published.len(),
+        elapsed
+    );
+    println!(
+        "publish latency            p50 {:.2?}  p99 {:.2?}  max {:.2?}",
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default()
+    );
+}
+
+fn report_receipt_latency(receiver: &Receiver, published: &[Published]) {
+    let started: HashMap<&str, Instant> = published
+        .iter()
+        .map(|p| (p.id.as_str(), p.started))
+        .collect();
+    let mut latencies: Vec<Duration> = receiver
+        .received()
+        .iter()
+        .filter_map(|r| Some(r.at - *started.get(r.header("webhook-id")?)?))
+        .collect();
+    latencies.sort();
+    println!(
+        "publish→receipt latency    p50 {:.2?}  p99 {:.2?}  max {:.2?}",
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default()
+    );
+}
+
+fn report_duplicates(receiver: &Receiver, expected: usize) {
+    let mut seen = std::collections::HashSet::new();
+    let received = receiver.received();
+    for r in &received {
+        seen.insert((
+            r.path.clone(),
+            r.header("webhook-id").unwrap_or_default().to_owned(),
+        ));
+    }
+    println!(
+        "receipts                   {:>10} ({} distinct, {} expected)",
+        received.len(),
+        seen.len(),
+        expected
+    );
+}
+
+async fn wait_for_receipts(receiver: &Receiver, expected: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while receiver.count() < expected {
+        if Instant::now() > deadline {
+            bail!("only {} of {expected} deliveries arrived", receiver.count());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// A process's peak resident set size (VmHWM) and current RSS, in bytes,
+/// from /proc.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}

@@ -1,0 +1,229 @@
+//! SQLite connections: one writer thread that commits in groups, and a
+//! small pool of readers.
+//!
+//! SQLite has one writer at a time, and each commit costs an fsync. So all
+//! writes go to a single thread that owns the write connection: it takes
+//! every job waiting in its queue, runs each in its own savepoint inside one
+//! transaction, commits once, and only then answers the callers. Under load
+//! many publishes share one fsync; a job that fails rolls back only its own
+//! savepoint. Reads run on blocking threads over separate connections,
+//! which WAL mode lets proceed beside the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+
+use crate::store::{StoreError, StoreResult};
+
+/// Most jobs committed in one transaction.
+const MAX_GROUP: usize = 512;
+/// Reader connections kept open between reads.
+const MAX_IDLE_READERS: usize = 8;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a job hands back after running: called with the fate of the
+/// transaction it ran in, it answers the caller.
+type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
+
+enum Message {
+    Job(Job),
+    Close(oneshot::Sender<()>),
+}
+
+/// Handle to the writer thread.
+#[derive(Clone)]
+pub struct Writer {
+    queue: mpsc::Sender<Message>,
+}
+
+impl Writer {
+    /// Starts the writer thread on an open connection.
+    pub fn start(connection: Connection) -> Self {
+        let (queue, inbox) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("wasmhook-sqlite-writer".into())
+            .spawn(move || write_loop(connection, inbox))
+            .expect("spawn the SQLite writer thread");
+        Self { queue }
+    }
+
+    /// Runs `work` in the next group transaction; returns once it is
+    /// committed (or failed).
+    pub async fn write<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let (answer, answered) = oneshot::channel();
+        let job: Job = Box::new(move |connection| {
+            let result = in_savepoint(connection, work);
+            Box::new(move |committed: Result<(), &str>| {
+                let outcome = match committed {
+                    Ok(()) => result,
+                    Err(why) => Err(StoreError::Commit(why.to_owned())),
+                };
+                let _ = answer.send(outcome);
+            })
+        });
+        self.queue
+            .send(Message::Job(job))
+            .map_err(|_| StoreError::WriterGone)?;
+        answered.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Finishes queued work and stops the thread.
+    pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.queue.send(Message::Close(done)).is_ok() {
+            let _ = closed.await;
+        }
+    }
+}
+
+fn in_savepoint<T>(
+    connection: &Connection,
+    work: impl FnOnce(&Connection) -> StoreResult<T>,
+) -> StoreResult<T> {
+    connection.execute_batch("SAVEPOINT job")?;
+    let result = work(connection);
+    let end = if result.is_ok() {
+        "RELEASE job"
+    } else {
+        "ROLLBACK TO job; RELEASE job"
+    };
+    connection.execute_batch(end)?;
+    result
+}
+
+fn write_loop(connection: Connection, inbox: mpsc::Receiver<Message>) {
+    let mut closing = None;
+    while closing.is_none() {
+        let Ok(first) = inbox.recv() else { break };
+        let mut jobs = Vec::new();
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Job(job) => jobs.push(job),
+                Message::Close(done) => closing = Some(done),
+            }
+            if jobs.len() < MAX_GROUP && closing.is_none() {
+                next = inbox.try_recv().ok();
+            }
+        }
+        run_group(&connection, jobs);
+    }
+    // Fold the WAL back into the database file so a stopped gateway leaves
+    // one self-contained file.
+    let _ = connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+    drop(connection);
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+fn run_group(connection: &Connection, jobs: Vec<Job>) {
+    if jobs.is_empty() {
+        return;
+    }
+    if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
+        // Without a transaction no job may run; dropping them unrun tells
+        // each caller its write did not happen.
+        tracing::error!(%error, jobs = jobs.len(), "cannot begin a write transaction");
+        return;
+    }
+    let completions: Vec<Completion> = jobs.into_iter().map(|job| job(connection)).collect();
+    let committed = connection
+        .execute_batch("COMMIT")
+        .map_err(|e| e.to_string());
+    if committed.is_err() {
+        let _ = connection.execute_batch("ROLLBACK");
+    }
+    for complete in completions {
+        complete(committed.as_ref().map(|_| ()).map_err(String::as_str));
+    }
+}
+
+/// Read connections, opened on demand and kept for reuse.
+#[derive(Clone)]
+pub struct Readers {
+    path: Arc<PathBuf>,
+    idle: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl Readers {
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: Arc::new(path.to_owned()),
+            idle: Arc::default(),
+        }
+    }
+
+    /// Runs `work` on a reader connection on a blocking thread.
+    pub async fn read<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let readers = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let connection = readers.take()?;
+            let result = work(&connection);
+            readers.give_back(connection);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Open(format!("read task failed: {e}")))?
+    }
+
+    fn take(&self) -> StoreResult<Connection> {
+        if let Some(connection) = self.idle.lock().expect("reader pool poisoned").pop() {
+            return Ok(connection);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let connection = Connection::open_with_flags(self.path.as_ref(), flags)?;
+        connection.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(connection)
+    }
+
+    fn give_back(&self, connection: Connection) {
+        let mut idle = self.idle.lock().expect("reader pool poisoned");
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(connection);
+        }
+    }
+
+    pub fn close(&self) {
+        self.idle.lock().expect("reader pool poisoned").clear();
+    }
+}
+
+/// Opens the write connection: WAL, FULL sync (an event answered 202 is on
+/// disk, power loss included), foreign keys on.
+pub fn open_writer(path: &Path) -> StoreResult<Connection> {
+    let connection =
+        Connection::open(path).map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
+    connection.busy_timeout(BUSY_TIMEOUT)?;
+    connection.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+    )?;
+    Ok(connection)
+}
+
+/// The file path of a `sqlite://path` (or `sqlite:path`) URL.
+pub fn path_of(database_url: &str) -> StoreResult<PathBuf> {
+    let rest = database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| database_url.strip_prefix("sqlite:"))
+        .ok_or_else(|| StoreError::Open(format!("`{database_url}` is not a sqlite:// URL")))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Err(StoreError::Open(
+            "the SQLite database must be a file path".into(),
+        ));
+    }
+    Ok(PathBuf::from(path))
+}

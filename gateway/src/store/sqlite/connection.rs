@@ -34,6 +34,9 @@ enum Message {
     Close(oneshot::Sender<()>),
 }
 
+/// How often the WAL is folded back into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Handle to the writer thread.
 #[derive(Clone)]
 pub struct Writer {
@@ -41,14 +44,24 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread on an open connection.
-    pub fn start(connection: Connection) -> Self {
+    /// Starts the writer thread on an open connection, and beside it the
+    /// checkpointer, which runs for as long as the writer does.
+    pub fn start(connection: Connection, path: &Path) -> StoreResult<Self> {
+        let checkpointer = open_checkpointer(path)?;
         let (queue, inbox) = mpsc::channel();
+        let (writer_alive, writer_gone) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("wasmhook-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpointer, writer_gone))
+            .map_err(|e| StoreError::Open(format!("cannot start the checkpoint thread: {e}")))?;
         std::thread::Builder::new()
             .name("wasmhook-sqlite-writer".into())
-            .spawn(move || write_loop(connection, inbox))
-            .expect("spawn the SQLite writer thread");
-        Self { queue }
+            .spawn(move || {
+                write_loop(connection, inbox);
+                drop(writer_alive);
+            })
+            .map_err(|e| StoreError::Open(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self { queue })
     }
 
     /// Runs `work` in the next group transaction; returns once it is
@@ -147,6 +160,24 @@ fn run_group(connection: &Connection, jobs: Vec<Job>) {
     }
 }
 
+/// Commits never checkpoint (that would put the database file's fsync on
+/// the publish path); this thread does, beside the writer, until the writer
+/// stops.
+fn checkpoint_loop(connection: Connection, writer_gone: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = writer_gone.recv_timeout(CHECKPOINT_INTERVAL) {
+        if let Err(error) = connection.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+            tracing::warn!(%error, "WAL checkpoint failed; retrying");
+        }
+    }
+}
+
+fn open_checkpointer(path: &Path) -> StoreResult<Connection> {
+    let connection = Connection::open(path)?;
+    connection.busy_timeout(BUSY_TIMEOUT)?;
+    connection.execute_batch("PRAGMA synchronous = FULL;")?;
+    Ok(connection)
+}
+
 /// Read connections, opened on demand and kept for reuse.
 #[derive(Clone)]
 pub struct Readers {
@@ -202,13 +233,15 @@ impl Readers {
 }
 
 /// Opens the write connection: WAL, FULL sync (an event answered 202 is on
-/// disk, power loss included), foreign keys on.
+/// disk, power loss included), foreign keys on, checkpoints left to the
+/// checkpoint thread.
 pub fn open_writer(path: &Path) -> StoreResult<Connection> {
     let connection =
         Connection::open(path).map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
     connection.busy_timeout(BUSY_TIMEOUT)?;
     connection.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+         PRAGMA wal_autocheckpoint = 0;",
     )?;
     Ok(connection)
 }

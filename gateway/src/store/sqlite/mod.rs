@@ -43,7 +43,7 @@ impl Store {
         .await
         .map_err(|e| StoreError::Open(e.to_string()))??;
         Ok(Self {
-            writer: Writer::start(writer),
+            writer: Writer::start(writer, &path)?,
             readers: Readers::new(&path),
         })
     }

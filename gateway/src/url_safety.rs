@@ -300,6 +300,36 @@ mod tests {
         assert!(strict().parse("https://[64:ff9b::93.184.216.34]/").is_ok());
     }
 
+    /// Names are judged by every address they resolve to (`localhost`
+    /// comes from the hosts file, so this needs no network).
+    #[tokio::test]
+    async fn resolved_addresses_are_checked() {
+        let blocked = strict().resolve("localhost", 443).await;
+        assert!(
+            matches!(
+                blocked,
+                Err(UrlError::Blocked {
+                    class: "loopback",
+                    ..
+                })
+            ),
+            "{blocked:?}"
+        );
+        let exempt = UrlPolicy::new(
+            false,
+            vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+        );
+        assert!(exempt.resolve("localhost", 443).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_http_client_resolver_refuses_blocked_names() {
+        use reqwest::dns::Resolve;
+        let resolver = SafeResolver::new(UrlPolicy::new(true, vec![]));
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        assert!(resolver.resolve(name).await.is_err());
+    }
+
     #[test]
     fn allowed_cidrs_exempt_ranges() {
         let policy = UrlPolicy::new(true, vec!["127.0.0.0/8".parse().unwrap()]);

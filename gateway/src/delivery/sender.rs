@@ -145,6 +145,10 @@ async fn read_response(mut response: reqwest::Response) -> SendResult {
         }
     }
     kept.truncate(RESPONSE_KEEP_BYTES);
+    // Do not end on half a character: the cut should not add a U+FFFD.
+    while std::str::from_utf8(&kept).is_err_and(|e| e.error_len().is_none()) {
+        kept.pop();
+    }
     let kind = if status.is_success() {
         AttemptKind::Success
     } else {

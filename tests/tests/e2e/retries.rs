@@ -248,3 +248,48 @@ async fn timeouts_and_refused_connections_are_recorded() {
         }
     }
 }
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let world = World::new().await;
+    world.webhook("/moved", json!({})).await;
+    let elsewhere = world.receiver.url("/elsewhere");
+    world
+        .receiver
+        .always(Reply::status(302).header("location", elsewhere));
+    let accepted = world.publish("a.b", json!({})).await;
+    let id = delivery_id(&accepted);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, d) = world
+            .gateway
+            .get(&world.path(&format!("/deliveries/{id}")))
+            .await;
+        if d["attempt_count"].as_i64() >= Some(1) {
+            assert_eq!(d["status"], "failed", "{d}");
+            assert_eq!(d["attempts"][0]["status_code"], 302);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{d}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(world.receiver.received().iter().all(|r| r.path == "/moved"));
+}
+
+#[tokio::test]
+async fn only_the_first_4_kib_of_a_response_is_kept() {
+    let world = World::new().await;
+    world.webhook("/chatty", json!({})).await;
+    world
+        .receiver
+        .script([Reply::status(500).body("é".repeat(10_000))]);
+    let accepted = world.publish("a.b", json!({})).await;
+    let delivery = world
+        .gateway
+        .wait_for_delivery(&world.app, &delivery_id(&accepted), "succeeded", PATIENCE)
+        .await;
+    let kept = delivery["attempts"][0]["response_body"].as_str().unwrap();
+    assert!(kept.len() <= 4096, "{} bytes kept", kept.len());
+    assert!(kept.len() >= 4000);
+    assert!(kept.chars().all(|c| c == 'é'), "cut inside a character");
+}

@@ -826,3 +826,85 @@ fn unique_conflict(error: rusqlite::Error, message: &str) -> StoreError {
         _ => StoreError::Sqlite(error),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        (Store::open(&url).await.unwrap(), dir)
+    }
+
+    /// The claim must walk the partial index in due order, not scan the
+    /// table: with a million finished deliveries a scan would stall claims.
+    #[tokio::test]
+    async fn the_claim_query_uses_the_due_index() {
+        let (store, _dir) = store().await;
+        let plan: Vec<String> = store
+            .readers
+            .read(|c| {
+                collect(
+                    c,
+                    "EXPLAIN QUERY PLAN SELECT id FROM deliveries WHERE due_at IS NOT NULL AND due_at <= ?1 \
+                     ORDER BY due_at LIMIT ?2",
+                    params![0, 10],
+                    |r| r.get::<_, String>(3),
+                )
+            })
+            .await
+            .unwrap();
+        let plan = plan.join("; ");
+        assert!(plan.contains("USING INDEX deliveries_due"), "{plan}");
+        assert!(
+            !plan.contains("TEMP B-TREE"),
+            "sorts instead of walking the index: {plan}"
+        );
+    }
+
+    /// Writes that run in one group commit fail alone: a unique violation
+    /// rolls back its own savepoint, not its neighbours.
+    #[tokio::test]
+    async fn a_failing_write_does_not_undo_its_group() {
+        let (store, _dir) = store().await;
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let store = store.clone();
+            let uid = if i % 2 == 0 {
+                "same".to_owned()
+            } else {
+                format!("uid-{i}")
+            };
+            tasks.push(tokio::spawn(async move {
+                store.create_app("app", Some(&uid)).await
+            }));
+        }
+        let mut created = 0;
+        let mut conflicts = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(_) => created += 1,
+                Err(StoreError::Conflict(_)) => conflicts += 1,
+                Err(other) => panic!("{other}"),
+            }
+        }
+        assert_eq!((created, conflicts), (21, 19));
+        let page = PageRequest {
+            cursor: None,
+            limit: 100,
+        };
+        assert_eq!(store.list_apps(&page).await.unwrap().len(), 21);
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_data_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        let store = Store::open(&url).await.unwrap();
+        store.create_app("kept", Some("kept")).await.unwrap();
+        store.close().await;
+        let store = Store::open(&url).await.unwrap();
+        assert!(store.find_app("kept").await.unwrap().is_some());
+    }
+}

@@ -275,8 +275,29 @@ impl TestGateway {
         accepted
     }
 
-    /// Polls a delivery until its status is `status`; panics after `timeout`
-    /// with the delivery as last seen.
+    /// GETs `path` until `done` holds for the body; panics after `timeout`
+    /// with the body as last seen.
+    pub async fn poll(
+        &self,
+        path: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (code, body) = self.get(path).await;
+            assert_eq!(code, StatusCode::OK, "{path}: {body}");
+            if done(&body) {
+                return body;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("{path} never reached the expected state: {body:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Polls a delivery until its status is `status`.
     pub async fn wait_for_delivery(
         &self,
         app: &str,
@@ -284,19 +305,7 @@ impl TestGateway {
         status: &str,
         timeout: Duration,
     ) -> Value {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let (code, body) = self
-                .get(&format!("/v1/apps/{app}/deliveries/{delivery}"))
-                .await;
-            assert_eq!(code, StatusCode::OK, "{body}");
-            if body["status"] == status {
-                return body;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!("delivery never became {status}: {body:#}");
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let path = format!("/v1/apps/{app}/deliveries/{delivery}");
+        self.poll(&path, timeout, |d| d["status"] == status).await
     }
 }

@@ -100,6 +100,11 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
 
+    /// Stored data that no longer parses: our fault, not the caller's.
+    pub fn corrupt(error: impl std::fmt::Display) -> Self {
+        Self::internal(StoreError::Corrupt(error.to_string()))
+    }
+
     fn internal(error: impl std::fmt::Display) -> Self {
         tracing::error!(%error, "request failed");
         Self::new(

@@ -123,8 +123,7 @@ pub async fn show(
         .event(&app.id, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("event", &id))?;
-    let payload = RawValue::from_string(event.payload)
-        .map_err(|e| ApiError::from(crate::store::StoreError::Corrupt(e.to_string())))?;
+    let payload = RawValue::from_string(event.payload).map_err(ApiError::corrupt)?;
     Ok(Json(EventView {
         id: event.id,
         app_id: event.app_id,

@@ -38,10 +38,8 @@ impl TryFrom<Webhook> for WebhookView {
     type Error = ApiError;
 
     fn try_from(w: Webhook) -> ApiResult<Self> {
-        let corrupt = |e: String| ApiError::from(crate::store::StoreError::Corrupt(e));
-        let filter = EventTypeFilter::from_stored(w.event_types.as_deref()).map_err(corrupt)?;
-        let headers = CustomHeaders::from_stored(&w.headers).map_err(corrupt)?;
-        let secret = Secret::parse(&w.secret).map_err(|e| corrupt(e.to_string()))?;
+        let (filter, headers) = stored_settings(&w)?;
+        let secret = Secret::parse(&w.secret).map_err(ApiError::corrupt)?;
         Ok(Self {
             id: w.id,
             app_id: w.app_id,
@@ -57,6 +55,14 @@ impl TryFrom<Webhook> for WebhookView {
             updated_at: rfc3339(w.updated_at),
         })
     }
+}
+
+/// A stored webhook's event-type filter and custom headers, parsed.
+fn stored_settings(webhook: &Webhook) -> ApiResult<(EventTypeFilter, CustomHeaders)> {
+    let filter =
+        EventTypeFilter::from_stored(webhook.event_types.as_deref()).map_err(ApiError::corrupt)?;
+    let headers = CustomHeaders::from_stored(&webhook.headers).map_err(ApiError::corrupt)?;
+    Ok((filter, headers))
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,10 +198,7 @@ pub async fn update(
 ) -> ApiResult<Json<WebhookView>> {
     let app = caller.app(&state, &app).await?;
     let current = find(&state, &app.id, &id).await?;
-    let current_filter = EventTypeFilter::from_stored(current.event_types.as_deref())
-        .map_err(|e| ApiError::from(crate::store::StoreError::Corrupt(e)))?;
-    let current_headers = CustomHeaders::from_stored(&current.headers)
-        .map_err(|e| ApiError::from(crate::store::StoreError::Corrupt(e)))?;
+    let (current_filter, current_headers) = stored_settings(&current)?;
     let event_types = match &body.event_types {
         Some(requested) => requested.as_deref(),
         None => current_filter.items(),

@@ -172,28 +172,18 @@ async fn a_webhook_failing_for_the_configured_period_is_disabled() {
     let (webhook, _) = world.webhook("/failing", json!({})).await;
     world.receiver.always(Reply::status(500));
     world.publish("a.b", json!({})).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let (_, shown) = world
-            .gateway
-            .get(&world.path(&format!("/webhooks/{webhook}")))
-            .await;
-        if shown["enabled"] == false {
-            assert!(
-                shown["disabled_reason"]
-                    .as_str()
-                    .unwrap()
-                    .contains("failed"),
-                "{shown}"
-            );
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never disabled: {shown}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let path = world.path(&format!("/webhooks/{webhook}"));
+    let shown = world
+        .gateway
+        .poll(&path, PATIENCE, |w| w["enabled"] == false)
+        .await;
+    assert!(
+        shown["disabled_reason"]
+            .as_str()
+            .unwrap()
+            .contains("failed"),
+        "{shown}"
+    );
     // Disabled between attempts, so attempts stopped before the schedule ran out.
     let stopped_at = world.receiver.count();
     assert!(stopped_at < 9, "{stopped_at} attempts");
@@ -231,21 +221,13 @@ async fn timeouts_and_refused_connections_are_recorded() {
         (&world.app, &slow, "timeout"),
         (&other_app, &refused, "connection_error"),
     ] {
-        let id = delivery_id(accepted);
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let (_, d) = world
-                .gateway
-                .get(&format!("/v1/apps/{app}/deliveries/{id}"))
-                .await;
-            if d["status"] == "failed" {
-                assert_eq!(d["attempts"][0]["outcome"], outcome, "{d}");
-                assert!(d["last_error"].is_string());
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{d}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let path = format!("/v1/apps/{app}/deliveries/{}", delivery_id(accepted));
+        let d = world
+            .gateway
+            .poll(&path, PATIENCE, |d| d["status"] == "failed")
+            .await;
+        assert_eq!(d["attempts"][0]["outcome"], outcome, "{d}");
+        assert!(d["last_error"].is_string());
     }
 }
 
@@ -258,21 +240,13 @@ async fn redirects_are_not_followed() {
         .receiver
         .always(Reply::status(302).header("location", elsewhere));
     let accepted = world.publish("a.b", json!({})).await;
-    let id = delivery_id(&accepted);
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let (_, d) = world
-            .gateway
-            .get(&world.path(&format!("/deliveries/{id}")))
-            .await;
-        if d["attempt_count"].as_i64() >= Some(1) {
-            assert_eq!(d["status"], "failed", "{d}");
-            assert_eq!(d["attempts"][0]["status_code"], 302);
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{d}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let path = world.path(&format!("/deliveries/{}", delivery_id(&accepted)));
+    let d = world
+        .gateway
+        .poll(&path, PATIENCE, |d| d["attempt_count"] == 1)
+        .await;
+    assert_eq!(d["status"], "failed", "{d}");
+    assert_eq!(d["attempts"][0]["status_code"], 302);
     assert!(world.receiver.received().iter().all(|r| r.path == "/moved"));
 }
 

@@ -114,22 +114,17 @@ async fn targets_are_checked_again_at_send_time() {
         .await;
     assert_eq!(strict_again.database_path(), database);
     let accepted = strict_again.publish(&app, "a.b", json!({})).await;
-    let id = accepted["deliveries"][0]["id"].as_str().unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let (_, d) = strict_again
-            .get(&format!("/v1/apps/{app}/deliveries/{id}"))
-            .await;
-        if d["attempt_count"] == 1 {
-            assert_eq!(d["attempts"][0]["outcome"], "unsafe_target", "{d}");
-            assert!(
-                d["last_error"].as_str().unwrap().contains("loopback"),
-                "{d}"
-            );
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{d}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let path = format!(
+        "/v1/apps/{app}/deliveries/{}",
+        accepted["deliveries"][0]["id"].as_str().unwrap()
+    );
+    let d = strict_again
+        .poll(&path, PATIENCE, |d| d["attempt_count"] == 1)
+        .await;
+    assert_eq!(d["attempts"][0]["outcome"], "unsafe_target", "{d}");
+    assert!(
+        d["last_error"].as_str().unwrap().contains("loopback"),
+        "{d}"
+    );
     receiver.expect_no_more(0, Duration::from_millis(200)).await;
 }

@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use tokio::sync::Notify;
+use tower_http::timeout::TimeoutLayer;
 
 pub use error::ApiError;
 pub use extract::token_hash;
@@ -28,6 +30,9 @@ use crate::url_safety::UrlPolicy;
 
 /// Room for the JSON around an event payload.
 const BODY_OVERHEAD: usize = 64 * 1024;
+/// A request (body upload included) that takes longer is cut off with 408,
+/// so a stalled client cannot hold a handler forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct AppState {
@@ -95,5 +100,6 @@ pub fn router(state: AppState, serve_api: bool) -> Router {
         .fallback(|| async { ApiError::no_route() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
         .with_state(state)
 }

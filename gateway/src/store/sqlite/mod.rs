@@ -59,9 +59,13 @@ impl Store {
         self.readers.close();
     }
 
+    /// Checks that both the readers and the writer answer.
     pub async fn ping(&self) -> StoreResult<()> {
         self.readers
             .read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await?;
+        self.writer
+            .write(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
             .await
     }
 

@@ -8,19 +8,24 @@ mod restart;
 mod retries;
 mod url_safety;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use wasmhook_tests::{Receiver, TestGateway, spawn_app};
+use wasmhook_tests::{Received, Receiver, TestGateway, spawn_app, verify_signature};
 
 /// Long enough for any single delivery on a loaded CI machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// A gateway with one app and a receiver; the common start of a test.
+/// It remembers each webhook's secret by receiver path, so every delivery
+/// a test waits for is signature-checked.
 pub struct World {
     pub gateway: TestGateway,
     pub app: String,
     pub receiver: Receiver,
+    secrets: Mutex<HashMap<String, String>>,
 }
 
 impl World {
@@ -35,7 +40,38 @@ impl World {
             gateway,
             app,
             receiver,
+            secrets: Mutex::default(),
         }
+    }
+
+    /// The same world after a restart of the gateway on its database.
+    pub async fn restarted(self) -> Self {
+        Self {
+            gateway: self.gateway.restart().await,
+            ..self
+        }
+    }
+
+    /// The secret deliveries to `path` are signed with from now on.
+    pub fn remember_secret(&self, path: &str, secret: &str) {
+        self.secrets
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), secret.to_owned());
+    }
+
+    /// Waits for `n` deliveries and checks every signature with the
+    /// `standardwebhooks` crate.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let received = self.receiver.wait_for(n, timeout).await;
+        let secrets = self.secrets.lock().unwrap();
+        for request in &received {
+            let secret = secrets
+                .get(&request.path)
+                .expect("a webhook registered for this path");
+            verify_signature(secret, request).unwrap_or_else(|e| panic!("{}: {e}", request.path));
+        }
+        received
     }
 
     /// Registers a webhook to the receiver at `path`; returns (id, secret).
@@ -45,10 +81,9 @@ impl World {
             body.extend(extra.clone());
         }
         let created = self.gateway.create_webhook(&self.app, body).await;
-        (
-            created["id"].as_str().unwrap().to_owned(),
-            created["secret"].as_str().unwrap().to_owned(),
-        )
+        let secret = created["secret"].as_str().unwrap().to_owned();
+        self.remember_secret(path, &secret);
+        (created["id"].as_str().unwrap().to_owned(), secret)
     }
 
     pub async fn publish(&self, event_type: &str, payload: Value) -> Value {

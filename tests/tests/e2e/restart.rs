@@ -100,17 +100,11 @@ async fn every_accepted_event_is_delivered_after_a_kill() {
         "the kill came too late to test anything"
     );
 
-    let World {
-        gateway,
-        app,
-        receiver,
-    } = world;
-    let world = World {
-        gateway: gateway.restart().await,
-        app,
-        receiver,
-    };
+    let world = world.restarted().await;
     wait_for_ids(&world, &accepted, Duration::from_secs(60)).await;
+    world
+        .wait_for(world.receiver.count(), crate::PATIENCE)
+        .await;
 }
 
 #[tokio::test]
@@ -129,21 +123,13 @@ async fn sigterm_finishes_in_flight_deliveries() {
                 .to_owned(),
         );
     }
-    world.receiver.wait_for(5, crate::PATIENCE).await;
-    let World {
-        mut gateway,
-        app,
-        receiver,
-    } = world;
-    let status = gateway.terminate().await;
+    world.wait_for(5, crate::PATIENCE).await;
+    let mut world = world;
+    let status = world.gateway.terminate().await;
     assert!(status.success(), "exit status {status:?}");
-    assert!(gateway.log().contains("stopped cleanly"));
+    assert!(world.gateway.log().contains("stopped cleanly"));
 
-    let world = World {
-        gateway: gateway.restart().await,
-        app,
-        receiver,
-    };
+    let world = world.restarted().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let counts = received_ids(&world);
     assert_eq!(counts.keys().cloned().collect::<BTreeSet<_>>(), ids);
@@ -169,21 +155,13 @@ async fn sigterm_releases_what_cannot_finish_in_the_grace_period() {
         .receiver
         .script([Reply::status(200).delay(Duration::from_secs(30))]);
     let accepted = world.publish("a.b", json!({})).await;
-    world.receiver.wait_for(1, crate::PATIENCE).await;
-    let World {
-        mut gateway,
-        app,
-        receiver,
-    } = world;
-    assert!(gateway.terminate().await.success());
+    world.wait_for(1, crate::PATIENCE).await;
+    let mut world = world;
+    assert!(world.gateway.terminate().await.success());
 
     // Released, not left to a 120 s lease: sent again right after restart.
-    let world = World {
-        gateway: gateway.restart().await,
-        app,
-        receiver,
-    };
-    world.receiver.wait_for(2, Duration::from_secs(10)).await;
+    let world = world.restarted().await;
+    world.wait_for(2, Duration::from_secs(10)).await;
     let id = accepted["deliveries"][0]["id"].as_str().unwrap();
     world
         .gateway

@@ -21,7 +21,7 @@ async fn retries_after_500s_then_succeeds_and_clears_the_error() {
         .receiver
         .script([Reply::status(500).body("boom"), Reply::status(502)]);
     let accepted = world.publish("a.b", json!({"n": 1})).await;
-    let got = world.receiver.wait_for(3, PATIENCE).await;
+    let got = world.wait_for(3, PATIENCE).await;
     let ids: Vec<_> = got
         .iter()
         .map(|r| r.header("webhook-id").unwrap())
@@ -60,7 +60,7 @@ async fn retry_after_is_honoured() {
         .receiver
         .script([Reply::status(429).header("retry-after", "1")]);
     world.publish("a.b", json!({})).await;
-    let got = world.receiver.wait_for(2, PATIENCE).await;
+    let got = world.wait_for(2, PATIENCE).await;
     let gap = got[1].at - got[0].at;
     assert!(
         gap >= Duration::from_millis(900),
@@ -84,7 +84,7 @@ async fn retry_after_is_capped_at_the_largest_scheduled_delay() {
         .receiver
         .script([Reply::status(503).header("retry-after", "3600")]);
     world.publish("a.b", json!({})).await;
-    let got = world.receiver.wait_for(2, Duration::from_secs(10)).await;
+    let got = world.wait_for(2, Duration::from_secs(10)).await;
     assert!(got[1].at - got[0].at < Duration::from_secs(5));
 }
 

@@ -11,6 +11,7 @@ pub mod api;
 pub mod config;
 pub mod delivery;
 pub mod domain;
+pub mod plugin;
 pub mod server;
 pub mod signing;
 pub mod store;

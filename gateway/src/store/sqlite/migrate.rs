@@ -6,7 +6,10 @@ use rusqlite::Connection;
 
 use crate::store::{StoreError, StoreResult};
 
-const MIGRATIONS: &[&str] = &[include_str!("../../../../migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../../../migrations/sqlite/0002_plugins.sql"),
+];
 
 pub fn run(connection: &mut Connection) -> StoreResult<()> {
     let applied: i64 = connection.query_row("PRAGMA user_version", [], |r| r.get(0))?;

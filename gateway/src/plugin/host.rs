@@ -1,0 +1,393 @@
+//! The engine, the compiled-component cache, and invocation.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, WasmBacktrace,
+};
+
+use super::bindings::{Transform, TransformPre};
+use super::sandbox::{PluginLimits, Sandbox};
+use super::{Decision, Invocation, PluginError, PluginEvent, UploadError, WitOutcome};
+use crate::domain::is_reserved_header;
+
+/// How often the epoch advances: a runaway plugin is stopped within its
+/// deadline plus one tick.
+const TICK: Duration = Duration::from_millis(5);
+/// Compiled components kept ready in memory.
+const CACHE_CAPACITY: usize = 256;
+const MAX_HEADERS: usize = 32;
+const MAX_SKIP_REASON: usize = 1024;
+/// Linear memory and table pages kept mapped between pooled instances:
+/// re-zeroing a little resident memory is cheaper than faulting it in.
+const KEEP_RESIDENT: usize = 64 * 1024;
+
+/// A compiled plugin, ready to instantiate.
+#[derive(Clone)]
+pub struct Ready(Arc<TransformPre<Sandbox>>);
+
+/// The result of compiling an upload.
+pub struct Compiled {
+    pub ready: Ready,
+    /// Precompiled machine code, loadable by hosts with the same key.
+    pub artifact: Vec<u8>,
+    pub artifact_key: String,
+}
+
+#[derive(Clone)]
+pub struct PluginHost {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<Sandbox>,
+    limits: PluginLimits,
+    cache: Mutex<Cache>,
+    slots: Semaphore,
+    engine_key: String,
+    ticking: Arc<AtomicBool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.ticking.store(false, Ordering::Relaxed);
+    }
+}
+
+impl PluginHost {
+    /// Builds the engine (pooling allocator sized for `concurrency`
+    /// simultaneous invocations, epoch interruption) and starts its ticker.
+    pub fn new(limits: PluginLimits, concurrency: usize) -> Result<Self, PluginError> {
+        let unavailable = |e: wasmtime::Error| PluginError::Unavailable(e.to_string());
+        let engine = Engine::new(&engine_config(&limits, concurrency)).map_err(unavailable)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(unavailable)?;
+        Transform::add_to_linker::<_, HasSelf<_>>(&mut linker, |sandbox| sandbox)
+            .map_err(unavailable)?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let engine_key = format!("wasmtime-{}-{:016x}", wasmtime_version(), hasher.finish());
+        let ticking = Arc::new(AtomicBool::new(true));
+        start_ticker(engine.clone(), ticking.clone());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                limits,
+                cache: Mutex::new(Cache::default()),
+                slots: Semaphore::new(concurrency),
+                engine_key,
+                ticking,
+            }),
+        })
+    }
+
+    pub fn limits(&self) -> &PluginLimits {
+        &self.inner.limits
+    }
+
+    /// The key an artifact of the plugin with this hash must carry to be
+    /// loaded by this host: same wasmtime, same engine settings.
+    pub fn artifact_key(&self, sha256: &str) -> String {
+        format!("{sha256}/{}", self.inner.engine_key)
+    }
+
+    /// Checks and compiles an upload (CPU-heavy: call off the async path).
+    pub fn compile(&self, wasm: &[u8], sha256: &str) -> Result<Compiled, UploadError> {
+        check_header(wasm)?;
+        let component = Component::new(&self.inner.engine, wasm)
+            .map_err(|e| UploadError::Compile(format!("{e:#}")))?;
+        let ready = self.prepare(&component)?;
+        let artifact = component
+            .serialize()
+            .map_err(|e| UploadError::Compile(format!("cannot serialize: {e}")))?;
+        self.remember(sha256, ready.clone());
+        Ok(Compiled {
+            ready,
+            artifact,
+            artifact_key: self.artifact_key(sha256),
+        })
+    }
+
+    fn prepare(&self, component: &Component) -> Result<Ready, UploadError> {
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| UploadError::ForbiddenImports(format!("{e:#}")))?;
+        let pre = TransformPre::new(pre).map_err(|e| UploadError::WrongWorld(format!("{e:#}")))?;
+        Ok(Ready(Arc::new(pre)))
+    }
+
+    /// A plugin already in memory.
+    pub fn cached(&self, sha256: &str) -> Option<Ready> {
+        self.inner
+            .cache
+            .lock()
+            .expect("plugin cache poisoned")
+            .get(sha256)
+    }
+
+    /// Makes a stored plugin ready: from its artifact when this host made
+    /// it, else by compiling (the new artifact is returned for storing).
+    pub fn load(
+        &self,
+        sha256: &str,
+        wasm: &[u8],
+        artifact: Option<(&[u8], &str)>,
+    ) -> Result<(Ready, Option<Compiled>), PluginError> {
+        if let Some((bytes, key)) = artifact
+            && key == self.artifact_key(sha256)
+        {
+            // SAFETY: artifacts are only written by `compile` of a host with
+            // this very key (wasmtime version and engine settings), into our
+            // own database; wasmtime also checks compatibility itself.
+            let component = unsafe { Component::deserialize(&self.inner.engine, bytes) };
+            if let Ok(component) = component {
+                let ready = self
+                    .prepare(&component)
+                    .map_err(|e| PluginError::Unavailable(e.to_string()))?;
+                self.remember(sha256, ready.clone());
+                return Ok((ready, None));
+            }
+        }
+        let compiled = self
+            .compile(wasm, sha256)
+            .map_err(|e| PluginError::Unavailable(e.to_string()))?;
+        Ok((compiled.ready.clone(), Some(compiled)))
+    }
+
+    fn remember(&self, sha256: &str, ready: Ready) {
+        self.inner
+            .cache
+            .lock()
+            .expect("plugin cache poisoned")
+            .insert(sha256, ready);
+    }
+
+    /// Runs one invocation on a blocking thread, at most `concurrency` at
+    /// a time, so a slow plugin never stalls the async runtime.
+    pub async fn run(&self, ready: &Ready, event: PluginEvent, config: String) -> Invocation {
+        let Ok(_slot) = self.inner.slots.acquire().await else {
+            return Invocation {
+                result: Err(PluginError::Unavailable(
+                    "the plugin host is shutting down".into(),
+                )),
+                logs: Vec::new(),
+                duration: Duration::ZERO,
+            };
+        };
+        let (host, ready) = (self.clone(), ready.clone());
+        tokio::task::spawn_blocking(move || host.invoke(&ready, &event, &config))
+            .await
+            .unwrap_or_else(|e| Invocation {
+                result: Err(PluginError::Trap(format!(
+                    "the invocation thread failed: {e}"
+                ))),
+                logs: Vec::new(),
+                duration: Duration::ZERO,
+            })
+    }
+
+    /// A fresh instance, the deadline armed before instantiation (which
+    /// runs guest code too), one call, and the instance gone.
+    pub fn invoke(&self, ready: &Ready, event: &PluginEvent, config: &str) -> Invocation {
+        let limits = &self.inner.limits;
+        let started = Instant::now();
+        let mut store = Store::new(&self.inner.engine, Sandbox::new(limits));
+        store.limiter(|sandbox| &mut sandbox.limiter);
+        store.set_epoch_deadline(deadline_ticks(limits.deadline));
+        store.epoch_deadline_trap();
+        let called = ready
+            .0
+            .instantiate(&mut store)
+            .and_then(|instance| instance.call_transform(&mut store, event, config));
+        let result = match called {
+            Ok(Ok(outcome)) => check_output(outcome, limits),
+            Ok(Err(message)) => Err(PluginError::Returned(message)),
+            Err(error) => Err(classify(&error, store.data(), limits)),
+        };
+        let duration = started.elapsed();
+        Invocation {
+            result,
+            logs: store.into_data().into_log(),
+            duration,
+        }
+    }
+}
+
+fn engine_config(limits: &PluginLimits, concurrency: usize) -> Config {
+    let instances = u32::try_from(concurrency.max(1)).unwrap_or(u32::MAX);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(instances)
+        .total_core_instances(instances.saturating_mul(8))
+        .total_memories(instances.saturating_mul(2))
+        .total_tables(instances.saturating_mul(4))
+        .max_memory_size(limits.max_memory_bytes)
+        .linear_memory_keep_resident(KEEP_RESIDENT)
+        .table_keep_resident(KEEP_RESIDENT);
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(limits.max_stack_bytes)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config
+}
+
+fn wasmtime_version() -> &'static str {
+    // The crate version is pinned in Cargo.toml; artifacts of another
+    // version are recompiled rather than trusted.
+    "48"
+}
+
+fn start_ticker(engine: Engine, ticking: Arc<AtomicBool>) {
+    std::thread::Builder::new()
+        .name("wasmhook-plugin-epoch".into())
+        .spawn(move || {
+            while ticking.load(Ordering::Relaxed) {
+                std::thread::sleep(TICK);
+                engine.increment_epoch();
+            }
+        })
+        .expect("spawn the plugin epoch ticker");
+}
+
+fn deadline_ticks(deadline: Duration) -> u64 {
+    (deadline.as_micros().div_ceil(TICK.as_micros())).max(1) as u64
+}
+
+/// Tells a component from a core module before compiling.
+fn check_header(wasm: &[u8]) -> Result<(), UploadError> {
+    if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
+        return Err(UploadError::NotWasm(
+            "it does not start with the \\0asm magic".into(),
+        ));
+    }
+    match wasm[4..8] {
+        [1, 0, 0, 0] => Err(UploadError::CoreModule),
+        [_, _, 1, 0] => Ok(()),
+        _ => Err(UploadError::NotWasm(
+            "unknown WebAssembly version or layer".into(),
+        )),
+    }
+}
+
+fn classify(error: &wasmtime::Error, sandbox: &Sandbox, limits: &PluginLimits) -> PluginError {
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => PluginError::Timeout(limits.deadline),
+        Some(Trap::StackOverflow) => PluginError::StackOverflow,
+        _ if sandbox.limiter.exceeded => PluginError::MemoryLimit(limits.max_memory_bytes),
+        trap => {
+            let mut message = match trap {
+                Some(trap) => trap.to_string(),
+                None => format!("{error:#}"),
+            };
+            if let Some(panic) = sandbox.last_error() {
+                message = format!("{message}; {panic}");
+            }
+            if let Some(backtrace) = error.downcast_ref::<WasmBacktrace>() {
+                let frames: Vec<String> = backtrace
+                    .frames()
+                    .iter()
+                    .take(limits.max_backtrace_frames)
+                    .map(|f| f.func_name().unwrap_or("?").to_owned())
+                    .collect();
+                if !frames.is_empty() {
+                    message = format!("{message} (in {})", frames.join(" < "));
+                }
+            }
+            PluginError::Trap(message)
+        }
+    }
+}
+
+/// Checks what a plugin returned: size, content type, and headers it may
+/// set.
+fn check_output(outcome: WitOutcome, limits: &PluginLimits) -> Result<Decision, PluginError> {
+    let delivery = match outcome {
+        WitOutcome::Skip(mut reason) => {
+            if reason.len() > MAX_SKIP_REASON {
+                let mut cut = MAX_SKIP_REASON;
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                reason.truncate(cut);
+            }
+            return Ok(Decision::Skip(reason));
+        }
+        WitOutcome::Deliver(delivery) => delivery,
+    };
+    let invalid = |m: String| Err(PluginError::InvalidOutput(m));
+    if delivery.body.len() > limits.max_output_bytes {
+        return invalid(format!(
+            "the body of {} bytes is over the {} byte limit",
+            delivery.body.len(),
+            limits.max_output_bytes
+        ));
+    }
+    if delivery.headers.len() > MAX_HEADERS {
+        return invalid(format!(
+            "{} headers; at most {MAX_HEADERS}",
+            delivery.headers.len()
+        ));
+    }
+    let content_type = delivery
+        .content_type
+        .unwrap_or_else(|| "application/json".into());
+    if reqwest::header::HeaderValue::from_str(&content_type).is_err() {
+        return invalid(format!(
+            "content type `{content_type}` is not a valid header value"
+        ));
+    }
+    for (name, value) in &delivery.headers {
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return invalid(format!("`{name}` is not a valid header name"));
+        }
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            return invalid(format!("the value of `{name}` is not a valid header value"));
+        }
+        if is_reserved_header(name) {
+            return invalid(format!(
+                "header `{name}` is set by the gateway; plugins may not set it"
+            ));
+        }
+    }
+    Ok(Decision::Deliver {
+        body: delivery.body,
+        content_type,
+        headers: delivery.headers,
+    })
+}
+
+/// Compiled components by content hash, the oldest dropped when full.
+#[derive(Default)]
+struct Cache {
+    ready: HashMap<String, Ready>,
+    order: VecDeque<String>,
+}
+
+impl Cache {
+    fn get(&self, sha256: &str) -> Option<Ready> {
+        self.ready.get(sha256).cloned()
+    }
+
+    fn insert(&mut self, sha256: &str, ready: Ready) {
+        if self.ready.insert(sha256.to_owned(), ready).is_some() {
+            return;
+        }
+        self.order.push_back(sha256.to_owned());
+        while self.order.len() > CACHE_CAPACITY {
+            if let Some(oldest) = self.order.pop_front() {
+                self.ready.remove(&oldest);
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The WebAssembly plugin host.
+//!
+//! Plugins are components of the `wasmhook:plugin` world (`sdk/wit/`).
+//! [`PluginHost::compile`] checks and compiles one at upload;
+//! [`PluginHost::run`] runs it for one delivery in a fresh, sandboxed
+//! instance: no network, no files, no environment, a CPU deadline, a memory
+//! cap, a stack cap, and bounded output and logs. Compiled components stay
+//! ready in a bounded cache keyed by content hash, and their precompiled
+//! machine code is kept in the store so a restart does not compile again.
+
+mod host;
+mod sandbox;
+
+pub use host::{Compiled, PluginHost, Ready};
+pub use sandbox::{LogLine, PluginLimits};
+
+use std::time::Duration;
+
+/// Generated from the one contract between host and guest.
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../sdk/wit",
+        world: "transform",
+    });
+}
+
+pub use bindings::wasmhook::plugin::types::{
+    Delivery as WitDelivery, Event as PluginEvent, Outcome as WitOutcome,
+};
+
+/// Why an upload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("the body is not WebAssembly: {0}")]
+    NotWasm(String),
+    #[error(
+        "this is a core WebAssembly module, not a component; build for wasm32-wasip2 or run `wasm-tools component new`"
+    )]
+    CoreModule,
+    #[error("the component does not implement the wasmhook:plugin/transform world: {0}")]
+    WrongWorld(String),
+    #[error("the component imports what plugins may not use: {0}")]
+    ForbiddenImports(String),
+    #[error("the component failed to compile: {0}")]
+    Compile(String),
+}
+
+/// Why a plugin invocation failed. Every variant fails the attempt and
+/// sends nothing.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginError {
+    #[error("the plugin ran past its {0:?} CPU deadline")]
+    Timeout(Duration),
+    #[error("the plugin tried to use more than its {0} bytes of memory")]
+    MemoryLimit(usize),
+    #[error("the plugin overflowed its stack")]
+    StackOverflow,
+    #[error("the plugin trapped: {0}")]
+    Trap(String),
+    #[error("the plugin's output was refused: {0}")]
+    InvalidOutput(String),
+    #[error("the plugin returned an error: {0}")]
+    Returned(String),
+    #[error("the plugin could not be loaded: {0}")]
+    Unavailable(String),
+}
+
+impl PluginError {
+    /// The class recorded on the attempt.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "timeout",
+            Self::MemoryLimit(_) => "memory_limit",
+            Self::StackOverflow => "stack_overflow",
+            Self::Trap(_) => "trap",
+            Self::InvalidOutput(_) => "invalid_output",
+            Self::Returned(_) => "plugin_error",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// What a plugin decided, checked and ready to sign and send.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Deliver {
+        body: Vec<u8>,
+        content_type: String,
+        headers: Vec<(String, String)>,
+    },
+    Skip(String),
+}
+
+/// One invocation's result with its log.
+#[derive(Debug)]
+pub struct Invocation {
+    pub result: Result<Decision, PluginError>,
+    pub logs: Vec<LogLine>,
+    pub duration: Duration,
+}

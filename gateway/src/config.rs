@@ -8,6 +8,7 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
 use ipnet::IpNet;
 
+use crate::plugin::PluginLimits;
 use crate::url_safety::UrlPolicy;
 
 #[derive(Debug, Clone, Args)]
@@ -85,6 +86,26 @@ pub struct Settings {
     #[arg(long, env = "WASMHOOK_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = parse_duration)]
     pub idempotency_window: Duration,
 
+    /// CPU deadline of one plugin invocation, instantiation included.
+    #[arg(long, env = "WASMHOOK_PLUGIN_DEADLINE", default_value = "100ms", value_parser = parse_duration)]
+    pub plugin_deadline: Duration,
+
+    /// Linear memory one plugin invocation may use, in bytes.
+    #[arg(long, env = "WASMHOOK_PLUGIN_MEMORY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub plugin_memory_bytes: usize,
+
+    /// Largest body a plugin may produce, in bytes.
+    #[arg(long, env = "WASMHOOK_PLUGIN_MAX_OUTPUT_BYTES", default_value_t = 1024 * 1024)]
+    pub plugin_max_output_bytes: usize,
+
+    /// Largest plugin upload, in bytes.
+    #[arg(long, env = "WASMHOOK_PLUGIN_MAX_UPLOAD_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub plugin_max_upload_bytes: usize,
+
+    /// Plugin invocations run at once (0: twice the number of CPUs).
+    #[arg(long, env = "WASMHOOK_PLUGIN_CONCURRENCY", default_value_t = 0)]
+    pub plugin_concurrency: usize,
+
     /// How long shutdown waits for in-flight deliveries before releasing
     /// them back to the queue.
     #[arg(long, env = "WASMHOOK_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
@@ -109,6 +130,22 @@ impl Role {
 }
 
 impl Settings {
+    pub fn plugin_limits(&self) -> PluginLimits {
+        PluginLimits {
+            deadline: self.plugin_deadline,
+            max_memory_bytes: self.plugin_memory_bytes,
+            max_output_bytes: self.plugin_max_output_bytes,
+            ..PluginLimits::default()
+        }
+    }
+
+    pub fn plugin_concurrency(&self) -> usize {
+        match self.plugin_concurrency {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
+            n => n,
+        }
+    }
+
     pub fn url_policy(&self) -> UrlPolicy {
         UrlPolicy::new(self.allow_http, self.allowed_cidrs.clone())
     }

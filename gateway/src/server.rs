@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, Limits, token_hash};
 use crate::config::{Role, Settings};
-use crate::delivery::{RetryPolicy, Sender, Worker, WorkerConfig};
+use crate::delivery::{RetryPolicy, Sender, Worker, WorkerConfig, WorkerParts};
+use crate::plugin::{PluginError, PluginHost, Plugins};
 use crate::store::{Store, StoreError};
 
 const ADMIN_TOKEN_HASH_KEY: &str = "admin_token_sha256";
@@ -27,6 +28,8 @@ pub enum StartError {
     Listen(SocketAddr, std::io::Error),
     #[error(transparent)]
     Sender(#[from] crate::delivery::sender::SenderError),
+    #[error("plugin host: {0}")]
+    Plugins(#[from] PluginError),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -51,6 +54,8 @@ impl Gateway {
             .map_err(|e| StartError::Listen(settings.listen, e))?;
         let policy = settings.url_policy();
         let wake = Arc::new(Notify::new());
+        let host = PluginHost::new(settings.plugin_limits(), settings.plugin_concurrency())?;
+        let plugins = Plugins::new(host, store.clone());
         let state = AppState {
             store: store.clone(),
             policy: policy.clone(),
@@ -60,7 +65,9 @@ impl Gateway {
                 max_payload_bytes: settings.max_payload_bytes,
                 secret_rotation_overlap: settings.secret_rotation_overlap,
                 idempotency_window: settings.idempotency_window,
+                max_plugin_bytes: settings.plugin_max_upload_bytes,
             },
+            plugins: plugins.clone(),
         };
         let sender = Sender::new(
             policy.clone(),
@@ -74,7 +81,15 @@ impl Gateway {
             poll_interval: settings.poll_interval,
             shutdown_grace: settings.shutdown_grace,
         };
-        let worker = Worker::new(store, sender, policy, retry, worker_config, wake);
+        let worker = Worker::new(WorkerParts {
+            store,
+            sender,
+            policy,
+            retry,
+            config: worker_config,
+            wake,
+            plugins,
+        });
         Ok(Self {
             listener,
             state,
@@ -92,6 +107,12 @@ impl Gateway {
     /// worker stops claiming and drains, then the database is closed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let store = self.state.store.clone();
+        // Compiled plugins come back from their stored artifacts in the
+        // background; a delivery that needs one first loads it itself.
+        tokio::spawn({
+            let plugins = self.state.plugins.clone();
+            async move { plugins.warm_up().await }
+        });
         let worker = self
             .role
             .delivers()

@@ -86,13 +86,33 @@ impl ApiError {
     }
 
     pub fn payload_too_large(limit: usize) -> Self {
+        Self::too_large("payload", limit)
+    }
+
+    pub fn too_large(field: &'static str, limit: usize) -> Self {
         Self {
-            field: Some("payload"),
+            field: Some(field),
             ..Self::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
-                format!("payload: larger than the limit of {limit} bytes"),
+                format!("{field}: larger than the limit of {limit} bytes"),
             )
+        }
+    }
+
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            message,
+        )
+    }
+
+    /// An upload that is not a usable plugin; the message says why.
+    pub fn invalid_plugin(message: impl Into<String>) -> Self {
+        Self {
+            field: Some("body"),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_plugin", message)
         }
     }
 

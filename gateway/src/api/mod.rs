@@ -10,6 +10,7 @@ mod error;
 mod events;
 mod extract;
 mod health;
+mod plugins;
 mod webhooks;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use tower_http::timeout::TimeoutLayer;
 pub use error::ApiError;
 pub use extract::token_hash;
 
+use crate::plugin::Plugins;
 use crate::store::Store;
 use crate::url_safety::UrlPolicy;
 
@@ -42,6 +44,7 @@ pub struct AppState {
     /// Wakes the local delivery worker when work is queued.
     pub wake: Arc<Notify>,
     pub limits: Limits,
+    pub plugins: Plugins,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +52,7 @@ pub struct Limits {
     pub max_payload_bytes: usize,
     pub secret_rotation_overlap: Duration,
     pub idempotency_window: Duration,
+    pub max_plugin_bytes: usize,
 }
 
 /// The routes of a process; a worker-only process serves just the probes.
@@ -87,7 +91,15 @@ pub fn router(state: AppState, serve_api: bool) -> Router {
             get(deliveries::for_event),
         )
         .route("/apps/{app}/deliveries/{id}", get(deliveries::show))
-        .route("/apps/{app}/deliveries/{id}/retry", post(deliveries::retry));
+        .route("/apps/{app}/deliveries/{id}/retry", post(deliveries::retry))
+        .route(
+            "/plugins",
+            post(plugins::upload)
+                .layer(DefaultBodyLimit::max(state.limits.max_plugin_bytes))
+                .get(plugins::list),
+        )
+        .route("/plugins/{id}", get(plugins::show).delete(plugins::remove))
+        .route("/plugins/{id}/test", post(plugins::test));
     let probes = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz));

@@ -14,9 +14,10 @@ use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page, double
 use crate::delivery::message::rfc3339;
 use crate::domain::{CustomHeaders, EventTypeFilter};
 use crate::signing::Secret;
-use crate::store::{Webhook, WebhookFields, now_ms};
+use crate::store::{AttachedPlugin, Webhook, WebhookFields, now_ms};
 
 const MAX_DESCRIPTION_LEN: usize = 1024;
+const MAX_PLUGIN_CONFIG_LEN: usize = 64 * 1024;
 
 #[derive(Debug, Serialize)]
 pub struct WebhookView {
@@ -30,6 +31,8 @@ pub struct WebhookView {
     headers: BTreeMap<String, String>,
     raw_payload: bool,
     secret_masked: String,
+    /// `{id, config}` of the attached plugin, or null.
+    plugin: Option<Value>,
     created_at: String,
     updated_at: String,
 }
@@ -51,6 +54,13 @@ impl TryFrom<Webhook> for WebhookView {
             headers: headers.as_map().clone(),
             raw_payload: w.raw_payload,
             secret_masked: secret.masked(),
+            plugin: match &w.plugin {
+                Some(p) => Some(json!({
+                    "id": p.id,
+                    "config": serde_json::from_str::<Value>(&p.config).map_err(ApiError::corrupt)?,
+                })),
+                None => None,
+            },
             created_at: rfc3339(w.created_at),
             updated_at: rfc3339(w.updated_at),
         })
@@ -74,6 +84,25 @@ pub struct CreateWebhook {
     enabled: Option<bool>,
     headers: Option<BTreeMap<String, String>>,
     raw_payload: Option<bool>,
+    plugin: Option<PluginAttachment>,
+}
+
+/// `plugin: {id, config}` on a webhook.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginAttachment {
+    id: String,
+    #[serde(default)]
+    config: Value,
+}
+
+impl PluginAttachment {
+    fn stored(&self) -> AttachedPlugin {
+        AttachedPlugin {
+            id: self.id.clone(),
+            config: self.config.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +115,8 @@ pub struct PatchWebhook {
     enabled: Option<bool>,
     headers: Option<BTreeMap<String, String>>,
     raw_payload: Option<bool>,
+    #[serde(default, deserialize_with = "double_option")]
+    plugin: Option<Option<PluginAttachment>>,
 }
 
 /// Checks every field; the URL check resolves host names.
@@ -105,6 +136,23 @@ async fn validate(state: &AppState, fields: Unchecked<'_>) -> ApiResult<WebhookF
         .map_err(|e| ApiError::invalid("event_types", e))?;
     let headers =
         CustomHeaders::parse(fields.headers).map_err(|e| ApiError::invalid("headers", e))?;
+    if let Some(plugin) = &fields.plugin {
+        if plugin.config.len() > MAX_PLUGIN_CONFIG_LEN {
+            return Err(ApiError::invalid(
+                "plugin.config",
+                format!(
+                    "is {} bytes of JSON; at most {MAX_PLUGIN_CONFIG_LEN}",
+                    plugin.config.len()
+                ),
+            ));
+        }
+        if state.store.plugin(&plugin.id).await?.is_none() {
+            return Err(ApiError::invalid(
+                "plugin.id",
+                format!("no plugin `{}`", plugin.id),
+            ));
+        }
+    }
     Ok(WebhookFields {
         url: url.to_string(),
         description: fields.description.to_owned(),
@@ -112,6 +160,7 @@ async fn validate(state: &AppState, fields: Unchecked<'_>) -> ApiResult<WebhookF
         enabled: fields.enabled,
         headers: headers.to_stored(),
         raw_payload: fields.raw_payload,
+        plugin: fields.plugin,
     })
 }
 
@@ -123,6 +172,7 @@ struct Unchecked<'a> {
     enabled: bool,
     headers: &'a BTreeMap<String, String>,
     raw_payload: bool,
+    plugin: Option<AttachedPlugin>,
 }
 
 async fn find(state: &AppState, app_id: &str, id: &str) -> ApiResult<Webhook> {
@@ -151,6 +201,7 @@ pub async fn create(
             enabled: body.enabled.unwrap_or(true),
             headers: body.headers.as_ref().unwrap_or(&no_headers),
             raw_payload: body.raw_payload.unwrap_or(false),
+            plugin: body.plugin.as_ref().map(PluginAttachment::stored),
         },
     )
     .await?;
@@ -212,6 +263,10 @@ pub async fn update(
             enabled: body.enabled.unwrap_or(current.enabled),
             headers: body.headers.as_ref().unwrap_or(current_headers.as_map()),
             raw_payload: body.raw_payload.unwrap_or(current.raw_payload),
+            plugin: match &body.plugin {
+                Some(requested) => requested.as_ref().map(PluginAttachment::stored),
+                None => current.plugin.clone(),
+            },
         },
     )
     .await?;

@@ -66,38 +66,51 @@ pub fn active_secrets(delivery: &ClaimedDelivery, now: Millis) -> Result<Vec<Sec
     Ok(secrets)
 }
 
+/// What a plugin made of the delivery, replacing the default body.
+#[derive(Debug, Clone)]
+pub struct Transformed {
+    pub body: Vec<u8>,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+}
+
 /// Builds the signed request for one attempt at `now`. The URL is checked
 /// again: the policy may have tightened since the webhook was registered.
+/// The signature covers the bytes actually sent, a plugin's included.
 pub fn build(
     delivery: &ClaimedDelivery,
     policy: &UrlPolicy,
     now: Millis,
+    transformed: Option<Transformed>,
 ) -> Result<OutgoingRequest, BuildError> {
     let url = policy.parse(&delivery.url)?;
-    let body = body(delivery);
+    let (body, content_type, plugin_headers) = match transformed {
+        Some(t) => (Bytes::from(t.body), t.content_type, t.headers),
+        None => (body(delivery), "application/json".to_owned(), Vec::new()),
+    };
     let timestamp = now / 1000;
-    let signature = signature_header(
-        &active_secrets(delivery, now)?,
-        &delivery.event_id,
-        timestamp,
-        &body,
-    );
+    let secrets = active_secrets(delivery, now)?;
+    let signature = signature_header(&secrets, &delivery.event_id, timestamp, &body);
 
+    let corrupt = |e: &dyn std::fmt::Display| BuildError::Corrupt(e.to_string());
     let custom = CustomHeaders::from_stored(&delivery.headers).map_err(BuildError::Corrupt)?;
-    let mut headers = HeaderMap::with_capacity(custom.as_map().len() + 4);
-    for (name, value) in custom.as_map() {
-        let name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|e| BuildError::Corrupt(e.to_string()))?;
-        let value = HeaderValue::from_str(value).map_err(|e| BuildError::Corrupt(e.to_string()))?;
+    let custom = custom
+        .as_map()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()));
+    let from_plugin = plugin_headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    let mut headers = HeaderMap::new();
+    for (name, value) in custom.chain(from_plugin) {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| corrupt(&e))?;
+        let value = HeaderValue::from_str(value).map_err(|e| corrupt(&e))?;
         headers.insert(name, value);
     }
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    let id = HeaderValue::from_str(&delivery.event_id)
-        .map_err(|e| BuildError::Corrupt(e.to_string()))?;
+    let content_type = HeaderValue::from_str(&content_type).map_err(|e| corrupt(&e))?;
+    headers.insert(CONTENT_TYPE, content_type);
+    let id = HeaderValue::from_str(&delivery.event_id).map_err(|e| corrupt(&e))?;
     headers.insert("webhook-id", id);
     headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
-    let signature =
-        HeaderValue::from_str(&signature).map_err(|e| BuildError::Corrupt(e.to_string()))?;
+    let signature = HeaderValue::from_str(&signature).map_err(|e| corrupt(&e))?;
     headers.insert("webhook-signature", signature);
     Ok(OutgoingRequest { url, headers, body })
 }

@@ -93,10 +93,40 @@ impl RetryPolicy {
                 status_code: result.status_code.map(i64::from),
                 response_body: result.response_body,
                 error: result.error,
+                plugin_error: result.plugin_error,
             }),
             next,
             webhook,
             now,
+        }
+    }
+
+    /// The plugin decided not to send: the delivery ends as `skipped`,
+    /// with the decision recorded as an attempt that sent nothing.
+    pub fn skip(
+        &self,
+        delivery: &ClaimedDelivery,
+        reason: String,
+        started_at: Millis,
+        duration_ms: i64,
+    ) -> AttemptRecord {
+        AttemptRecord {
+            delivery_id: delivery.id.clone(),
+            claim_token: delivery.claim_token.clone(),
+            webhook_id: delivery.webhook_id.clone(),
+            attempt: Some(AttemptRow {
+                number: delivery.attempts + 1,
+                started_at,
+                duration_ms,
+                outcome: "skipped",
+                status_code: None,
+                response_body: None,
+                error: None,
+                plugin_error: None,
+            }),
+            next: NextState::Skipped { reason },
+            webhook: WebhookEffect::None,
+            now: crate::store::now_ms(),
         }
     }
 

@@ -22,6 +22,8 @@ pub enum AttemptKind {
     Connection,
     UnsafeTarget,
     InvalidWebhook,
+    /// The webhook's plugin failed; nothing was sent.
+    Plugin,
 }
 
 impl AttemptKind {
@@ -33,6 +35,7 @@ impl AttemptKind {
             Self::Connection => "connection_error",
             Self::UnsafeTarget => "unsafe_target",
             Self::InvalidWebhook => "invalid_webhook",
+            Self::Plugin => "plugin",
         }
     }
 }
@@ -47,9 +50,29 @@ pub struct SendResult {
     pub response_body: Option<String>,
     pub error: Option<String>,
     pub retry_after: Option<Duration>,
+    /// The plugin error class, for a failed plugin.
+    pub plugin_error: Option<&'static str>,
 }
 
 impl SendResult {
+    /// An attempt whose plugin failed: nothing reached the network.
+    pub fn plugin_failed(
+        error: &crate::plugin::PluginError,
+        started_at: Millis,
+        duration: Duration,
+    ) -> Self {
+        Self {
+            kind: AttemptKind::Plugin,
+            started_at,
+            duration,
+            status_code: None,
+            response_body: None,
+            error: Some(error.to_string()),
+            retry_after: None,
+            plugin_error: Some(error.kind()),
+        }
+    }
+
     /// A one-line description for the delivery's `last_error`.
     pub fn summary(&self) -> String {
         match (&self.error, self.status_code) {
@@ -73,6 +96,7 @@ impl SendResult {
             response_body: None,
             error: Some(error.to_string()),
             retry_after: None,
+            plugin_error: None,
         }
     }
 }
@@ -162,6 +186,7 @@ async fn read_response(mut response: reqwest::Response) -> SendResult {
         response_body: Some(String::from_utf8_lossy(&kept).into_owned()),
         error: error.or_else(|| (!status.is_success()).then(|| status_error(status))),
         retry_after,
+        plugin_error: None,
     }
 }
 
@@ -186,6 +211,7 @@ fn failure(error: &reqwest::Error) -> SendResult {
         response_body: None,
         error: Some(describe(error)),
         retry_after: None,
+        plugin_error: None,
     }
 }
 

@@ -13,9 +13,10 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::message;
+use super::message::{self, Transformed};
 use super::retry::RetryPolicy;
 use super::sender::{SendResult, Sender};
+use crate::plugin::{Decision, Plugins};
 use crate::store::{AttemptRecord, ClaimedDelivery, Store, now_ms};
 use crate::url_safety::UrlPolicy;
 
@@ -40,17 +41,31 @@ pub struct Worker {
     retry: RetryPolicy,
     config: WorkerConfig,
     wake: Arc<Notify>,
+    plugins: Plugins,
+}
+
+/// What the worker is built from.
+pub struct WorkerParts {
+    pub store: Store,
+    pub sender: Sender,
+    pub policy: UrlPolicy,
+    pub retry: RetryPolicy,
+    pub config: WorkerConfig,
+    pub wake: Arc<Notify>,
+    pub plugins: Plugins,
 }
 
 impl Worker {
-    pub fn new(
-        store: Store,
-        sender: Sender,
-        policy: UrlPolicy,
-        retry: RetryPolicy,
-        config: WorkerConfig,
-        wake: Arc<Notify>,
-    ) -> Self {
+    pub fn new(parts: WorkerParts) -> Self {
+        let WorkerParts {
+            store,
+            sender,
+            policy,
+            retry,
+            config,
+            wake,
+            plugins,
+        } = parts;
         Self {
             store,
             sender,
@@ -58,6 +73,7 @@ impl Worker {
             retry,
             config,
             wake,
+            plugins,
         }
     }
 
@@ -131,7 +147,34 @@ impl Worker {
         if !delivery.enabled {
             return self.retry.abandon(delivery, now);
         }
-        let result = match message::build(delivery, &self.policy, now) {
+        let transformed = match self.plugins.transform(delivery).await {
+            None => None,
+            Some(invocation) => {
+                let duration_ms = invocation.duration.as_millis() as i64;
+                for line in &invocation.logs {
+                    tracing::debug!(delivery = %delivery.id, level = line.level, "plugin: {}", line.message);
+                }
+                match invocation.result {
+                    Ok(Decision::Skip(reason)) => {
+                        return self.retry.skip(delivery, reason, now, duration_ms);
+                    }
+                    Ok(Decision::Deliver {
+                        body,
+                        content_type,
+                        headers,
+                    }) => Some(Transformed {
+                        body,
+                        content_type,
+                        headers,
+                    }),
+                    Err(error) => {
+                        let failed = SendResult::plugin_failed(&error, now, invocation.duration);
+                        return self.retry.decide(delivery, failed, now_ms());
+                    }
+                }
+            }
+        };
+        let result = match message::build(delivery, &self.policy, now_ms(), transformed) {
             Ok(request) => self.sender.send(request).await,
             Err(error) => SendResult::refused(error),
         };

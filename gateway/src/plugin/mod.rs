@@ -9,9 +9,11 @@
 //! machine code is kept in the store so a restart does not compile again.
 
 mod host;
+mod runtime;
 mod sandbox;
 
 pub use host::{Compiled, PluginHost, Ready};
+pub use runtime::Plugins;
 pub use sandbox::{LogLine, PluginLimits};
 
 use std::time::Duration;

@@ -72,8 +72,47 @@ pub struct Webhook {
     pub secret: String,
     pub previous_secret: Option<String>,
     pub previous_secret_expires_at: Option<Millis>,
+    pub plugin: Option<AttachedPlugin>,
     pub created_at: Millis,
     pub updated_at: Millis,
+}
+
+/// A plugin attached to a webhook, with its JSON config text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachedPlugin {
+    pub id: String,
+    pub config: String,
+}
+
+/// An uploaded plugin, without its code.
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub size: i64,
+    pub created_at: Millis,
+}
+
+/// What a host needs to make a plugin ready.
+#[derive(Debug, Clone)]
+pub struct PluginCode {
+    pub sha256: String,
+    pub wasm: Vec<u8>,
+    pub artifact: Option<Vec<u8>>,
+    pub artifact_key: Option<String>,
+}
+
+/// An upload to store: the component and the artifact compiled from it.
+#[derive(Debug, Clone)]
+pub struct NewPlugin {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub wasm: Vec<u8>,
+    pub artifact: Vec<u8>,
+    pub artifact_key: String,
 }
 
 #[derive(Debug, Clone)]
@@ -93,15 +132,18 @@ pub enum DeliveryStatus {
     Succeeded,
     Failed,
     Dead,
+    /// A plugin decided not to send it.
+    Skipped,
 }
 
 impl DeliveryStatus {
-    pub const ALL: [DeliveryStatus; 5] = [
+    pub const ALL: [DeliveryStatus; 6] = [
         Self::Pending,
         Self::Sending,
         Self::Succeeded,
         Self::Failed,
         Self::Dead,
+        Self::Skipped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -111,6 +153,7 @@ impl DeliveryStatus {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Dead => "dead",
+            Self::Skipped => "skipped",
         }
     }
 
@@ -131,6 +174,7 @@ pub struct Delivery {
     pub last_attempt_at: Option<Millis>,
     pub last_status_code: Option<i64>,
     pub last_error: Option<String>,
+    pub skip_reason: Option<String>,
     pub created_at: Millis,
     pub updated_at: Millis,
 }
@@ -145,6 +189,7 @@ pub struct Attempt {
     pub status_code: Option<i64>,
     pub response_body: Option<String>,
     pub error: Option<String>,
+    pub plugin_error: Option<String>,
 }
 
 /// A page of a list ordered by id: items after `cursor`, at most `limit`.
@@ -163,6 +208,7 @@ pub struct WebhookFields {
     pub enabled: bool,
     pub headers: String,
     pub raw_payload: bool,
+    pub plugin: Option<AttachedPlugin>,
 }
 
 /// An event to accept, with what makes a repeat of it recognisable.
@@ -205,6 +251,10 @@ pub struct ClaimedDelivery {
     pub secret: String,
     pub previous_secret: Option<String>,
     pub previous_secret_expires_at: Option<Millis>,
+    pub app_id: String,
+    pub app_uid: Option<String>,
+    /// The attached plugin, its code hash, and its config.
+    pub plugin: Option<(AttachedPlugin, String)>,
 }
 
 /// The result of one attempt and what it means for the delivery and its
@@ -230,11 +280,13 @@ pub struct AttemptRow {
     pub status_code: Option<i64>,
     pub response_body: Option<String>,
     pub error: Option<String>,
+    pub plugin_error: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum NextState {
     Succeeded,
+    Skipped { reason: String },
     Retry { due_at: Millis, error: String },
     Dead { error: String },
 }

@@ -14,9 +14,10 @@ use crate::domain::EventTypeFilter;
 
 const APP_COLUMNS: &str = "id, uid, name, created_at, updated_at";
 const WEBHOOK_COLUMNS: &str = "id, app_id, url, description, event_types, enabled, disabled_reason, headers, \
-     raw_payload, secret, previous_secret, previous_secret_expires_at, created_at, updated_at";
+     raw_payload, secret, previous_secret, previous_secret_expires_at, created_at, updated_at, plugin_id, plugin_config";
 const DELIVERY_COLUMNS: &str = "id, app_id, event_id, webhook_id, status, attempts, due_at, last_attempt_at, \
-     last_status_code, last_error, created_at, updated_at";
+     last_status_code, last_error, created_at, updated_at, skip_reason";
+const PLUGIN_COLUMNS: &str = "id, name, version, sha256, size, created_at";
 
 #[derive(Clone)]
 pub struct Store {
@@ -228,12 +229,25 @@ impl Store {
                 let id = new_id("wh");
                 c.prepare_cached(
                     "INSERT INTO webhooks (id, app_id, url, description, event_types, enabled, headers, raw_payload, \
-                     secret, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     secret, created_at, updated_at, plugin_id, plugin_config) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )?
                 .execute(params![
-                    id, app_id, f.url, f.description, f.event_types, f.enabled, f.headers, f.raw_payload, secret, now,
-                    now
-                ])?;
+                    id,
+                    app_id,
+                    f.url,
+                    f.description,
+                    f.event_types,
+                    f.enabled,
+                    f.headers,
+                    f.raw_payload,
+                    secret,
+                    now,
+                    now,
+                    f.plugin.as_ref().map(|p| &p.id),
+                    f.plugin.as_ref().map(|p| &p.config)
+                ])
+                .map_err(|e| foreign_key(e, "plugin: no such plugin"))?;
                 webhook_by_id(c, &app_id, &id)?.ok_or(StoreError::NotFound)
             })
             .await
@@ -283,7 +297,8 @@ impl Store {
                          raw_payload = ?5, \
                          disabled_reason = CASE WHEN ?6 THEN NULL ELSE disabled_reason END, \
                          failing_since = CASE WHEN ?6 AND NOT enabled THEN NULL ELSE failing_since END, \
-                         enabled = ?6, updated_at = ?7 WHERE app_id = ?8 AND id = ?9",
+                         enabled = ?6, updated_at = ?7, plugin_id = ?10, plugin_config = ?11 \
+                         WHERE app_id = ?8 AND id = ?9",
                     )?
                     .execute(params![
                         f.url,
@@ -294,8 +309,11 @@ impl Store {
                         f.enabled,
                         now_ms(),
                         app_id,
-                        id
-                    ])?;
+                        id,
+                        f.plugin.as_ref().map(|p| &p.id),
+                        f.plugin.as_ref().map(|p| &p.config)
+                    ])
+                    .map_err(|e| foreign_key(e, "plugin: no such plugin"))?;
                 found(changed)?;
                 webhook_by_id(c, &app_id, &id)?.ok_or(StoreError::NotFound)
             })
@@ -333,6 +351,135 @@ impl Store {
                     )?
                     .execute(params![previous_expires_at, secret, now_ms(), app_id, id])?,
                 )
+            })
+            .await
+    }
+
+    // ---- plugins -------------------------------------------------------
+
+    /// Stores an upload. The same bytes under an existing name and version
+    /// return the stored plugin (`false`: nothing new); other bytes conflict.
+    pub async fn create_plugin(&self, new: NewPlugin) -> StoreResult<(Plugin, bool)> {
+        self.writer
+            .write(move |c| {
+                let sql = format!("SELECT {PLUGIN_COLUMNS} FROM plugins WHERE name = ? AND version = ?");
+                let existing = c.prepare_cached(&sql)?.query_row([&new.name, &new.version], plugin_row).optional()?;
+                if let Some(existing) = existing {
+                    if existing.sha256 == new.sha256 {
+                        return Ok((existing, false));
+                    }
+                    return Err(StoreError::Conflict(format!(
+                        "{} {} already exists with other content; plugin versions are immutable, upload a new version",
+                        new.name, new.version
+                    )));
+                }
+                let plugin = Plugin {
+                    id: new_id("plg"),
+                    name: new.name,
+                    version: new.version,
+                    sha256: new.sha256,
+                    size: new.wasm.len() as i64,
+                    created_at: now_ms(),
+                };
+                c.prepare_cached(
+                    "INSERT INTO plugins (id, name, version, sha256, size, wasm, artifact, artifact_key, created_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )?
+                .execute(params![
+                    plugin.id,
+                    plugin.name,
+                    plugin.version,
+                    plugin.sha256,
+                    plugin.size,
+                    new.wasm,
+                    new.artifact,
+                    new.artifact_key,
+                    plugin.created_at
+                ])?;
+                Ok((plugin, true))
+            })
+            .await
+    }
+
+    pub async fn list_plugins(&self, page: &PageRequest) -> StoreResult<Vec<Plugin>> {
+        let (cursor, limit) = (page.cursor.clone().unwrap_or_default(), page.limit);
+        self.readers
+            .read(move |c| {
+                let sql = format!(
+                    "SELECT {PLUGIN_COLUMNS} FROM plugins WHERE id > ? ORDER BY id LIMIT ?"
+                );
+                collect(c, &sql, params![cursor, limit], plugin_row)
+            })
+            .await
+    }
+
+    pub async fn plugin(&self, id: &str) -> StoreResult<Option<Plugin>> {
+        let id = id.to_owned();
+        self.readers
+            .read(move |c| {
+                let sql = format!("SELECT {PLUGIN_COLUMNS} FROM plugins WHERE id = ?");
+                Ok(c.prepare_cached(&sql)?
+                    .query_row([&id], plugin_row)
+                    .optional()?)
+            })
+            .await
+    }
+
+    pub async fn plugin_code(&self, id: &str) -> StoreResult<Option<PluginCode>> {
+        let id = id.to_owned();
+        self.readers
+            .read(move |c| {
+                let sql = "SELECT sha256, wasm, artifact, artifact_key FROM plugins WHERE id = ?";
+                let code = c
+                    .prepare_cached(sql)?
+                    .query_row([&id], |r| {
+                        Ok(PluginCode {
+                            sha256: r.get(0)?,
+                            wasm: r.get(1)?,
+                            artifact: r.get(2)?,
+                            artifact_key: r.get(3)?,
+                        })
+                    })
+                    .optional()?;
+                Ok(code)
+            })
+            .await
+    }
+
+    /// Replaces a plugin's artifact (after a host of another version
+    /// compiled it again).
+    pub async fn set_plugin_artifact(
+        &self,
+        sha256: &str,
+        artifact: Vec<u8>,
+        key: &str,
+    ) -> StoreResult<()> {
+        let (sha256, key) = (sha256.to_owned(), key.to_owned());
+        self.writer
+            .write(move |c| {
+                c.prepare_cached(
+                    "UPDATE plugins SET artifact = ?, artifact_key = ? WHERE sha256 = ?",
+                )?
+                .execute(params![artifact, key, sha256])?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Deletes a plugin no webhook uses.
+    pub async fn delete_plugin(&self, id: &str) -> StoreResult<()> {
+        let id = id.to_owned();
+        self.writer
+            .write(move |c| {
+                let users: i64 = c
+                    .prepare_cached("SELECT COUNT(*) FROM webhooks WHERE plugin_id = ?")?
+                    .query_row([&id], |r| r.get(0))?;
+                if users > 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "{users} webhook(s) use this plugin; detach it first (PATCH the webhook with \"plugin\": null)"
+                    )));
+                }
+                found(c.prepare_cached("DELETE FROM plugins WHERE id = ?")?.execute([&id])?)
             })
             .await
     }
@@ -414,8 +561,8 @@ impl Store {
         let delivery_id = delivery_id.to_owned();
         self.readers
             .read(move |c| {
-                let sql = "SELECT id, attempt, started_at, duration_ms, outcome, status_code, response_body, error \
-                           FROM attempts WHERE delivery_id = ? ORDER BY attempt, started_at";
+                let sql = "SELECT id, attempt, started_at, duration_ms, outcome, status_code, response_body, error, \
+                           plugin_error FROM attempts WHERE delivery_id = ? ORDER BY attempt, started_at";
                 collect(c, sql, params![delivery_id], attempt_row)
             })
             .await
@@ -472,9 +619,11 @@ impl Store {
                 let mut details = c.prepare_cached(
                     "SELECT d.id, d.claim_token, d.attempts, e.id, e.event_type, e.payload, e.created_at, \
                      w.id, w.url, w.enabled, w.disabled_reason, w.headers, w.raw_payload, w.secret, \
-                     w.previous_secret, w.previous_secret_expires_at \
+                     w.previous_secret, w.previous_secret_expires_at, a.id, a.uid, \
+                     w.plugin_id, w.plugin_config, p.sha256 \
                      FROM deliveries d JOIN events e ON e.app_id = d.app_id AND e.id = d.event_id \
-                     JOIN webhooks w ON w.id = d.webhook_id WHERE d.id = ?",
+                     JOIN webhooks w ON w.id = d.webhook_id JOIN apps a ON a.id = d.app_id \
+                     LEFT JOIN plugins p ON p.id = w.plugin_id WHERE d.id = ?",
                 )?;
                 for id in ids {
                     claimed.push(details.query_row([&id], claimed_row)?);
@@ -617,17 +766,18 @@ fn subscribed_webhooks(c: &Connection, app_id: &str, event_type: &str) -> StoreR
 }
 
 fn record_attempt(c: &Connection, record: &AttemptRecord) -> StoreResult<()> {
-    let (status, due_at, error) = match &record.next {
-        NextState::Succeeded => ("succeeded", None, None),
-        NextState::Retry { due_at, error } => ("failed", Some(*due_at), Some(error.as_str())),
-        NextState::Dead { error } => ("dead", None, Some(error.as_str())),
+    let (status, due_at, error, skip_reason) = match &record.next {
+        NextState::Succeeded => ("succeeded", None, None, None),
+        NextState::Skipped { reason } => ("skipped", None, None, Some(reason.as_str())),
+        NextState::Retry { due_at, error } => ("failed", Some(*due_at), Some(error.as_str()), None),
+        NextState::Dead { error } => ("dead", None, Some(error.as_str()), None),
     };
     let attempt = record.attempt.as_ref();
     let changed = c
         .prepare_cached(
             "UPDATE deliveries SET status = ?, due_at = ?, claim_token = NULL, attempts = attempts + ?, \
-             last_attempt_at = COALESCE(?, last_attempt_at), last_status_code = ?, last_error = ?, updated_at = ? \
-             WHERE id = ? AND claim_token = ?",
+             last_attempt_at = COALESCE(?, last_attempt_at), last_status_code = ?, last_error = ?, updated_at = ?, \
+             skip_reason = ? WHERE id = ? AND claim_token = ?",
         )?
         .execute(params![
             status,
@@ -637,6 +787,7 @@ fn record_attempt(c: &Connection, record: &AttemptRecord) -> StoreResult<()> {
             attempt.and_then(|a| a.status_code),
             error,
             record.now,
+            skip_reason,
             record.delivery_id,
             record.claim_token
         ])?;
@@ -646,7 +797,7 @@ fn record_attempt(c: &Connection, record: &AttemptRecord) -> StoreResult<()> {
     if let Some(a) = attempt {
         c.prepare_cached(
             "INSERT INTO attempts (id, delivery_id, attempt, started_at, duration_ms, outcome, status_code, \
-             response_body, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             response_body, error, plugin_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )?
         .execute(params![
             new_id("atm"),
@@ -657,7 +808,8 @@ fn record_attempt(c: &Connection, record: &AttemptRecord) -> StoreResult<()> {
             a.outcome,
             a.status_code,
             a.response_body,
-            a.error
+            a.error,
+            a.plugin_error
         ])?;
     }
     apply_webhook_effect(c, &record.webhook_id, &record.webhook, record.now)
@@ -752,6 +904,25 @@ fn webhook_row(r: &Row<'_>) -> rusqlite::Result<Webhook> {
         previous_secret_expires_at: r.get(11)?,
         created_at: r.get(12)?,
         updated_at: r.get(13)?,
+        plugin: attached(r.get(14)?, r.get(15)?),
+    })
+}
+
+fn attached(id: Option<String>, config: Option<String>) -> Option<AttachedPlugin> {
+    id.map(|id| AttachedPlugin {
+        id,
+        config: config.unwrap_or_else(|| "null".into()),
+    })
+}
+
+fn plugin_row(r: &Row<'_>) -> rusqlite::Result<Plugin> {
+    Ok(Plugin {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        version: r.get(2)?,
+        sha256: r.get(3)?,
+        size: r.get(4)?,
+        created_at: r.get(5)?,
     })
 }
 
@@ -779,6 +950,7 @@ fn delivery_row(r: &Row<'_>) -> rusqlite::Result<Delivery> {
         last_error: r.get(9)?,
         created_at: r.get(10)?,
         updated_at: r.get(11)?,
+        skip_reason: r.get(12)?,
     })
 }
 
@@ -792,6 +964,7 @@ fn attempt_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
         status_code: r.get(5)?,
         response_body: r.get(6)?,
         error: r.get(7)?,
+        plugin_error: r.get(8)?,
     })
 }
 
@@ -813,6 +986,9 @@ fn claimed_row(r: &Row<'_>) -> rusqlite::Result<ClaimedDelivery> {
         secret: r.get(13)?,
         previous_secret: r.get(14)?,
         previous_secret_expires_at: r.get(15)?,
+        app_id: r.get(16)?,
+        app_uid: r.get(17)?,
+        plugin: attached(r.get(18)?, r.get(19)?).zip(r.get::<_, Option<String>>(20)?),
     })
 }
 
@@ -821,6 +997,13 @@ fn found(rows: usize) -> StoreResult<()> {
         Err(StoreError::NotFound)
     } else {
         Ok(())
+    }
+}
+
+fn foreign_key(error: rusqlite::Error, message: &str) -> StoreError {
+    match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::ConstraintViolation) => StoreError::Conflict(message.to_owned()),
+        _ => StoreError::Sqlite(error),
     }
 }
 

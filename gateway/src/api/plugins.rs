@@ -1,0 +1,246 @@
+//! The plugin registry (admin only): upload, list, show, delete, and the
+//! playground that runs a plugin on a sample event.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::AppState;
+use super::error::{ApiError, ApiResult, OrNotFound};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page};
+use crate::delivery::message::rfc3339;
+use crate::domain::EventType;
+use crate::plugin::{Decision, PluginEvent};
+use crate::store::{NewPlugin, Plugin, now_ms};
+
+const MAX_NAME_LEN: usize = 64;
+
+#[derive(Debug, Serialize)]
+pub struct PluginView {
+    id: String,
+    name: String,
+    version: String,
+    sha256: String,
+    size: i64,
+    created_at: String,
+}
+
+impl From<Plugin> for PluginView {
+    fn from(p: Plugin) -> Self {
+        Self {
+            id: p.id,
+            name: p.name,
+            version: p.version,
+            sha256: p.sha256,
+            size: p.size,
+            created_at: rfc3339(p.created_at),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadQuery {
+    name: String,
+    version: String,
+}
+
+fn check_label(field: &'static str, value: &str) -> ApiResult<()> {
+    let valid = value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'));
+    if value.is_empty() || value.len() > MAX_NAME_LEN || !valid {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be 1 to {MAX_NAME_LEN} letters, digits, or - _ . +"),
+        ));
+    }
+    Ok(())
+}
+
+/// Uploads a component (`application/wasm` body). It is checked and
+/// compiled before it is stored, so a stored plugin always runs.
+pub async fn upload(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(query): ApiQuery<UploadQuery>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<PluginView>)> {
+    caller.require_admin()?;
+    check_label("name", &query.name)?;
+    check_label("version", &query.version)?;
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type.is_empty()
+        && !["application/wasm", "application/octet-stream"].contains(&content_type)
+    {
+        return Err(ApiError::unsupported_media_type(
+            "send the component as application/wasm",
+        ));
+    }
+    let wasm = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large("body", state.limits.max_plugin_bytes),
+        _ => ApiError::invalid("body", e.body_text()),
+    })?;
+    if wasm.is_empty() {
+        return Err(ApiError::invalid(
+            "body",
+            "is empty; send the component's bytes",
+        ));
+    }
+    let sha256 = hex::encode(Sha256::digest(&wasm));
+    let host = state.plugins.host.clone();
+    let (bytes, hash) = (wasm.to_vec(), sha256.clone());
+    let compiled = tokio::task::spawn_blocking(move || host.compile(&bytes, &hash))
+        .await
+        .map_err(|e| ApiError::unavailable(format!("compilation failed to run: {e}")))?
+        .map_err(|e| ApiError::invalid_plugin(e.to_string()))?;
+    let new = NewPlugin {
+        name: query.name,
+        version: query.version,
+        sha256,
+        wasm: wasm.to_vec(),
+        artifact: compiled.artifact,
+        artifact_key: compiled.artifact_key,
+    };
+    let (plugin, created) = state.store.create_plugin(new).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(plugin.into())))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> ApiResult<Json<Page<PluginView>>> {
+    caller.require_admin()?;
+    let page = query.page()?;
+    let plugins = state.store.list_plugins(&page).await?;
+    Ok(Json(Page::new(
+        plugins,
+        &page,
+        |p| p.id.clone(),
+        PluginView::from,
+    )))
+}
+
+async fn find(state: &AppState, id: &str) -> ApiResult<Plugin> {
+    state
+        .store
+        .plugin(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("plugin", id))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<PluginView>> {
+    caller.require_admin()?;
+    Ok(Json(find(&state, &id).await?.into()))
+}
+
+pub async fn remove(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    state
+        .store
+        .delete_plugin(&id)
+        .await
+        .or_not_found("plugin", &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestRequest {
+    event_type: String,
+    payload: Box<RawValue>,
+    #[serde(default)]
+    config: Option<Value>,
+}
+
+/// The playground: runs the plugin on a sample event exactly as a delivery
+/// would, and answers with the outcome, the plugin's log and the time.
+pub async fn test(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<TestRequest>,
+) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    let plugin = find(&state, &id).await?;
+    let event_type =
+        EventType::parse(&body.event_type).map_err(|e| ApiError::invalid("event_type", e))?;
+    let config = body.config.unwrap_or(Value::Null).to_string();
+    let ready = state
+        .plugins
+        .ready(&plugin.id, &plugin.sha256)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let event = PluginEvent {
+        id: "msg_playground".into(),
+        event_type: event_type.as_str().to_owned(),
+        app_id: "app_playground".into(),
+        app_uid: None,
+        webhook_id: "wh_playground".into(),
+        attempt: 1,
+        timestamp: rfc3339(now_ms()),
+        payload: body.payload.get().to_owned(),
+    };
+    let invocation = state.plugins.host.run(&ready, event, config).await;
+    let mut answer = match invocation.result {
+        Ok(Decision::Skip(reason)) => json!({ "outcome": "skip", "reason": reason }),
+        Ok(Decision::Deliver {
+            body,
+            content_type,
+            headers,
+        }) => {
+            let headers: serde_json::Map<String, Value> = headers
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
+            json!({
+                "outcome": "deliver",
+                "content_type": content_type,
+                "headers": headers,
+                "body": body_for_display(&body),
+            })
+        }
+        Err(error) => {
+            json!({ "outcome": "error", "error": { "kind": error.kind(), "message": error.to_string() } })
+        }
+    };
+    answer["logs"] = serde_json::to_value(&invocation.logs).unwrap_or_default();
+    answer["duration_us"] = (invocation.duration.as_micros() as u64).into();
+    Ok(Json(answer))
+}
+
+/// JSON bodies as JSON, text as text, anything else as base64.
+fn body_for_display(body: &[u8]) -> Value {
+    if let Ok(json) = serde_json::from_slice::<Value>(body) {
+        return json;
+    }
+    match std::str::from_utf8(body) {
+        Ok(text) => Value::String(text.to_owned()),
+        Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(body) }),
+    }
+}

@@ -1,0 +1,91 @@
+//! Plugins in service: makes a stored plugin ready (from the in-memory
+//! cache, its stored artifact, or by compiling) and runs it for a delivery.
+
+use super::host::{PluginHost, Ready};
+use super::{Invocation, PluginError, PluginEvent};
+use crate::delivery::message::rfc3339;
+use crate::store::{ClaimedDelivery, Store};
+
+#[derive(Clone)]
+pub struct Plugins {
+    pub host: PluginHost,
+    store: Store,
+}
+
+impl Plugins {
+    pub fn new(host: PluginHost, store: Store) -> Self {
+        Self { host, store }
+    }
+
+    /// The plugin with this id and code hash, ready to run.
+    pub async fn ready(&self, plugin_id: &str, sha256: &str) -> Result<Ready, PluginError> {
+        if let Some(ready) = self.host.cached(sha256) {
+            return Ok(ready);
+        }
+        let code = self
+            .store
+            .plugin_code(plugin_id)
+            .await
+            .map_err(|e| PluginError::Unavailable(e.to_string()))?
+            .ok_or_else(|| PluginError::Unavailable(format!("plugin {plugin_id} was deleted")))?;
+        let host = self.host.clone();
+        let (ready, recompiled) = tokio::task::spawn_blocking(move || {
+            let artifact = code.artifact.as_deref().zip(code.artifact_key.as_deref());
+            host.load(&code.sha256, &code.wasm, artifact)
+        })
+        .await
+        .map_err(|e| PluginError::Unavailable(e.to_string()))??;
+        if let Some(compiled) = recompiled
+            && let Err(error) = self
+                .store
+                .set_plugin_artifact(sha256, compiled.artifact, &compiled.artifact_key)
+                .await
+        {
+            tracing::warn!(%error, "could not store a recompiled plugin artifact");
+        }
+        Ok(ready)
+    }
+
+    /// Loads every stored plugin, so the first deliveries after a start
+    /// find them ready.
+    pub async fn warm_up(&self) {
+        let page = crate::store::PageRequest {
+            cursor: None,
+            limit: 10_000,
+        };
+        let Ok(plugins) = self.store.list_plugins(&page).await else {
+            return;
+        };
+        for plugin in plugins {
+            if let Err(error) = self.ready(&plugin.id, &plugin.sha256).await {
+                tracing::warn!(plugin = %plugin.id, %error, "plugin could not be made ready");
+            }
+        }
+    }
+
+    /// Runs the delivery's plugin, if it has one.
+    pub async fn transform(&self, delivery: &ClaimedDelivery) -> Option<Invocation> {
+        let (attached, sha256) = delivery.plugin.as_ref()?;
+        let event = PluginEvent {
+            id: delivery.event_id.clone(),
+            event_type: delivery.event_type.clone(),
+            app_id: delivery.app_id.clone(),
+            app_uid: delivery.app_uid.clone(),
+            webhook_id: delivery.webhook_id.clone(),
+            attempt: u32::try_from(delivery.attempts + 1).unwrap_or(u32::MAX),
+            timestamp: rfc3339(delivery.event_created_at),
+            payload: delivery.payload.clone(),
+        };
+        let ready = match self.ready(&attached.id, sha256).await {
+            Ok(ready) => ready,
+            Err(error) => {
+                return Some(Invocation {
+                    result: Err(error),
+                    logs: Vec::new(),
+                    duration: std::time::Duration::ZERO,
+                });
+            }
+        };
+        Some(self.host.run(&ready, event, attached.config.clone()).await)
+    }
+}

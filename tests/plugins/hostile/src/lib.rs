@@ -1,0 +1,65 @@
+//! Misbehaves as its config says, so the tests can check that each
+//! misbehaviour ends as a recorded plugin error within its limit.
+
+use std::hint::black_box;
+
+use serde::Deserialize;
+use wasmhook_sdk::{Config, Error, Event, Outcome};
+
+#[derive(Deserialize)]
+struct Mode {
+    mode: String,
+}
+
+fn transform(event: Event, config: Config) -> Result<Outcome, Error> {
+    let Mode { mode } = config.get()?;
+    match mode.as_str() {
+        "loop" => loop {
+            black_box(&event);
+        },
+        "alloc" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                black_box(&hoard);
+            }
+        }
+        "recurse" => Ok(Outcome::deliver_bytes(vec![recurse(black_box(1)) as u8])),
+        "big-output" => Ok(Outcome::deliver_bytes(vec![b'x'; 2 * 1024 * 1024])),
+        "trap" => panic!("boom: the hostile plugin panicked on purpose"),
+        "forbidden-header" => {
+            Ok(Outcome::deliver_bytes(b"{}".to_vec()).header("webhook-signature", "v1,forged"))
+        }
+        "read-file" => {
+            let text = std::fs::read_to_string("/etc/passwd")
+                .map_err(|e| Error::new(format!("read failed: {e}")))?;
+            Ok(Outcome::deliver_bytes(text))
+        }
+        "socket" => {
+            let stream = std::net::TcpStream::connect("127.0.0.1:80");
+            stream.map_err(|e| Error::new(format!("connect failed: {e}")))?;
+            Ok(Outcome::deliver_bytes(b"connected".to_vec()))
+        }
+        "env" => Ok(Outcome::deliver_bytes(format!(
+            "{:?}",
+            std::env::vars().collect::<Vec<_>>()
+        ))),
+        "log-flood" => {
+            for i in 0..10_000 {
+                wasmhook_sdk::info!("line {i}");
+            }
+            Ok(Outcome::deliver_bytes(b"{}".to_vec()))
+        }
+        other => Err(Error::new(format!("unknown mode {other}"))),
+    }
+}
+
+fn recurse(depth: u64) -> u64 {
+    let padding = black_box([depth; 16]);
+    if black_box(depth) == 0 {
+        return padding[0];
+    }
+    recurse(depth + 1) + padding[15]
+}
+
+wasmhook_sdk::export!(transform);

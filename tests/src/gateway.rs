@@ -252,6 +252,32 @@ impl TestGateway {
         self.call(self.request(Method::DELETE, path)).await
     }
 
+    /// Uploads a plugin component.
+    pub async fn upload_plugin(
+        &self,
+        name: &str,
+        version: &str,
+        wasm: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let request = self
+            .request(
+                Method::POST,
+                &format!("/v1/plugins?name={name}&version={version}"),
+            )
+            .header("content-type", "application/wasm")
+            .body(wasm);
+        self.call(request).await
+    }
+
+    /// Uploads a plugin that must be accepted; returns its id.
+    pub async fn plugin(&self, name: &str) -> String {
+        let (status, body) = self
+            .upload_plugin(name, "1.0.0", crate::plugin_wasm(name))
+            .await;
+        assert!(status.is_success(), "{status} {body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
     /// Creates an app and returns its id.
     pub async fn create_app(&self, name: &str) -> String {
         let (status, body) = self.post("/v1/apps", json!({ "name": name })).await;

@@ -9,6 +9,20 @@ mod receiver;
 pub use gateway::{GatewayBuilder, TestGateway, gateway_binary, spawn_app};
 pub use receiver::{Received, Receiver, Reply};
 
+/// A plugin component built by `scripts/test` for wasm32-wasip2: one of
+/// `plugins/` (`slack`, `redact`, …) or the hostile one of the tests.
+pub fn plugin_wasm(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/guest/wasm32-wasip2/release")
+        .join(format!("wasmhook_plugin_{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; scripts/test builds the plugins for wasm32-wasip2",
+            path.display()
+        )
+    })
+}
+
 /// Checks a delivery with the `standardwebhooks` crate, an implementation
 /// of the spec not written here.
 pub fn verify_signature(secret: &str, received: &Received) -> Result<(), String> {

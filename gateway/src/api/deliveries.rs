@@ -23,6 +23,8 @@ pub struct DeliveryView {
     last_attempt_at: Option<String>,
     last_status_code: Option<i64>,
     last_error: Option<String>,
+    /// Why the webhook's plugin skipped it (status `skipped`).
+    skip_reason: Option<String>,
     created_at: String,
     updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -43,6 +45,7 @@ impl From<Delivery> for DeliveryView {
             last_attempt_at: d.last_attempt_at.map(rfc3339),
             last_status_code: d.last_status_code,
             last_error: d.last_error,
+            skip_reason: d.skip_reason,
             created_at: rfc3339(d.created_at),
             updated_at: rfc3339(d.updated_at),
             attempts: None,
@@ -60,6 +63,9 @@ pub struct AttemptView {
     status_code: Option<i64>,
     response_body: Option<String>,
     error: Option<String>,
+    /// For outcome `plugin`: timeout, memory_limit, stack_overflow, trap,
+    /// invalid_output, plugin_error or unavailable.
+    plugin_error: Option<String>,
 }
 
 impl From<Attempt> for AttemptView {
@@ -73,6 +79,7 @@ impl From<Attempt> for AttemptView {
             status_code: a.status_code,
             response_body: a.response_body,
             error: a.error,
+            plugin_error: a.plugin_error,
         }
     }
 }
@@ -112,7 +119,7 @@ pub async fn for_webhook(
         Some(text) => Some(DeliveryStatus::parse(text).ok_or_else(|| {
             ApiError::invalid(
                 "status",
-                "must be one of pending, sending, succeeded, failed, dead",
+                "must be one of pending, sending, succeeded, failed, dead, skipped",
             )
         })?),
     };

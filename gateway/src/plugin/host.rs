@@ -117,6 +117,7 @@ impl PluginHost {
     }
 
     fn prepare(&self, component: &Component) -> Result<Ready, UploadError> {
+        check_imports(component, &self.inner.engine)?;
         let pre = self
             .inner
             .linker
@@ -264,6 +265,32 @@ fn deadline_ticks(deadline: Duration) -> u64 {
     (deadline.as_micros().div_ceil(TICK.as_micros())).max(1) as u64
 }
 
+/// What a plugin may import: the WASI interfaces `wasm32-wasip2` std
+/// links against (denied at run time where they would reach out: no
+/// preopens, no sockets), and the plugin log.
+const ALLOWED_IMPORTS: &[&str] = &[
+    "wasi:cli/",
+    "wasi:io/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:filesystem/",
+    "wasi:sockets/",
+    "wasmhook:plugin/",
+];
+
+fn check_imports(component: &Component, engine: &Engine) -> Result<(), UploadError> {
+    let forbidden: Vec<String> = component
+        .component_type()
+        .imports(engine)
+        .map(|(name, _)| name.to_owned())
+        .filter(|name| !ALLOWED_IMPORTS.iter().any(|prefix| name.starts_with(prefix)))
+        .collect();
+    if forbidden.is_empty() {
+        return Ok(());
+    }
+    Err(UploadError::ForbiddenImports(forbidden.join(", ")))
+}
+
 /// Tells a component from a core module before compiling.
 fn check_header(wasm: &[u8]) -> Result<(), UploadError> {
     if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
@@ -294,11 +321,12 @@ fn classify(error: &wasmtime::Error, sandbox: &Sandbox, limits: &PluginLimits) -
                 message = format!("{message}; {panic}");
             }
             if let Some(backtrace) = error.downcast_ref::<WasmBacktrace>() {
-                let frames: Vec<String> = backtrace
+                // Release plugins are usually stripped: list named frames only.
+                let frames: Vec<&str> = backtrace
                     .frames()
                     .iter()
+                    .filter_map(|f| f.func_name())
                     .take(limits.max_backtrace_frames)
-                    .map(|f| f.func_name().unwrap_or("?").to_owned())
                     .collect();
                 if !frames.is_empty() {
                     message = format!("{message} (in {})", frames.join(" < "));

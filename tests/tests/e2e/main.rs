@@ -4,6 +4,7 @@
 
 mod api;
 mod delivery;
+mod plugins;
 mod restart;
 mod retries;
 mod url_safety;

@@ -25,6 +25,7 @@ fn transform(event: Event, config: Config) -> Result<Outcome, Error> {
             }
         }
         "recurse" => Ok(Outcome::deliver_bytes(vec![recurse(black_box(1)) as u8])),
+        "shadow-stack" => Ok(Outcome::deliver_bytes(vec![shadow(black_box(1)) as u8])),
         "big-output" => Ok(Outcome::deliver_bytes(vec![b'x'; 2 * 1024 * 1024])),
         "trap" => panic!("boom: the hostile plugin panicked on purpose"),
         "forbidden-header" => {
@@ -54,12 +55,24 @@ fn transform(event: Event, config: Config) -> Result<Outcome, Error> {
     }
 }
 
+/// Unbounded recursion on the wasm stack (scalars only, and a combination
+/// the optimiser cannot turn into a loop).
+#[inline(never)]
 fn recurse(depth: u64) -> u64 {
+    if depth == 0 {
+        return 1;
+    }
+    recurse(depth.wrapping_add(1)).rotate_left(3) ^ depth
+}
+
+/// Unbounded recursion on the guest's own stack in linear memory.
+#[inline(never)]
+fn shadow(depth: u64) -> u64 {
     let padding = black_box([depth; 16]);
     if black_box(depth) == 0 {
         return padding[0];
     }
-    recurse(depth + 1) + padding[15]
+    shadow(depth + 1) + padding[15]
 }
 
 wasmhook_sdk::export!(transform);

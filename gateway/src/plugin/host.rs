@@ -283,7 +283,11 @@ fn check_imports(component: &Component, engine: &Engine) -> Result<(), UploadErr
         .component_type()
         .imports(engine)
         .map(|(name, _)| name.to_owned())
-        .filter(|name| !ALLOWED_IMPORTS.iter().any(|prefix| name.starts_with(prefix)))
+        .filter(|name| {
+            !ALLOWED_IMPORTS
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+        })
         .collect();
     if forbidden.is_empty() {
         return Ok(());

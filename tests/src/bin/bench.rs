@@ -38,6 +38,10 @@ struct Args {
     /// Approximate size of each event's JSON payload.
     #[arg(long, default_value_t = 1024)]
     payload_bytes: usize,
+    /// Attach this plugin from `plugins/` (e.g. `passthrough`,
+    /// `cloudevents`) to every webhook; scripts/test builds them.
+    #[arg(long)]
+    plugin: Option<String>,
     /// Extra gateway settings, as KEY=VALUE (repeatable).
     #[arg(long = "gateway-env", value_parser = parse_key_value)]
     gateway_env: Vec<(String, String)>,
@@ -73,9 +77,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let gateway = builder.spawn().await;
     let app = gateway.create_app("bench").await;
+    let plugin = match &args.plugin {
+        Some(name) => json!({ "id": gateway.plugin(name).await }),
+        None => Value::Null,
+    };
     for i in 0..args.webhooks {
+        let url = receiver.url(&format!("/w{i}"));
         gateway
-            .create_webhook(&app, json!({ "url": receiver.url(&format!("/w{i}")) }))
+            .create_webhook(&app, json!({ "url": url, "plugin": plugin }))
             .await;
     }
     let expected = args.events * args.webhooks;
@@ -92,6 +101,9 @@ async fn main() -> anyhow::Result<()> {
         },
         if args.backlog { ", backlog mode" } else { "" },
     );
+    if let Some(name) = &args.plugin {
+        println!("plugin `{name}` attached to every webhook");
+    }
 
     let first_publish = Instant::now();
     let published = publish_all(&gateway, &app, &args).await?;

@@ -1,0 +1,195 @@
+//! Plugin host benchmark: compile (upload-to-ready) and load-from-artifact
+//! (ready after restart) times, per-invocation latency of a pass-through
+//! and a JSON-rewriting plugin next to the same rewrite in native Rust,
+//! invocations per second over two threads, and how fast a runaway plugin
+//! is stopped. Needs the plugins built by `scripts/test`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use wasmhook::plugin::{PluginEvent, PluginHost, PluginLimits, Ready};
+use wasmhook_tests::plugin_wasm;
+
+#[derive(Parser)]
+struct Args {
+    /// Invocations per latency measurement.
+    #[arg(long, default_value_t = 20_000)]
+    iterations: usize,
+    /// Seconds of the two-thread throughput run.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+}
+
+fn event() -> PluginEvent {
+    // A realistic ~1 KB invoice event.
+    let payload = serde_json::json!({
+        "invoice": {"id": "in_1MtHbELkdIwHu7ixl4OzzPMv", "amount_due": 4200, "amount_paid": 4200, "currency": "eur",
+                    "status": "paid", "number": "ACME-0042", "hosted_invoice_url": "https://pay.example.com/i/acme/0042"},
+        "customer": {"id": "cus_NffrFeUfNV2Hib", "email": "billing@acme.example", "name": "Acme Corporation",
+                     "address": {"line1": "1 Main Street", "city": "Springfield", "postal_code": "12345", "country": "US"}},
+        "lines": [
+            {"id": "il_1", "description": "Pro plan (monthly)", "amount": 4000, "quantity": 1, "period": {"start": 1700000000, "end": 1702592000}},
+            {"id": "il_2", "description": "Extra seat", "amount": 100, "quantity": 2, "period": {"start": 1700000000, "end": 1702592000}}
+        ],
+        "metadata": {"order_id": "ord_7731", "channel": "web", "campaign": "autumn-2026"},
+        "payment": {"method": "card", "brand": "visa", "last4": "4242", "exp_month": 12, "exp_year": 2030}
+    })
+    .to_string();
+    PluginEvent {
+        id: "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W".into(),
+        event_type: "invoice.paid".into(),
+        app_id: "app_01J".into(),
+        app_uid: Some("acme".into()),
+        webhook_id: "wh_01J".into(),
+        attempt: 1,
+        timestamp: "2026-11-29T10:00:00.000Z".into(),
+        payload,
+    }
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    (at(0.50), at(0.99))
+}
+
+fn measure(label: &str, iterations: usize, mut call: impl FnMut()) {
+    for _ in 0..iterations / 10 {
+        call();
+    }
+    let samples: Vec<Duration> = (0..iterations)
+        .map(|_| {
+            let start = Instant::now();
+            call();
+            start.elapsed()
+        })
+        .collect();
+    let (p50, p99) = percentiles(samples);
+    println!(
+        "{label:<44} p50 {:>8.1} µs   p99 {:>8.1} µs",
+        us(p50),
+        us(p99)
+    );
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    let args = Args::parse();
+    let limits = PluginLimits::default();
+    let host = PluginHost::new(limits.clone(), 4).expect("plugin host");
+    let event = event();
+    println!(
+        "payload {} bytes; wasmtime pooling allocator, fresh instance per call",
+        event.payload.len()
+    );
+
+    let mut compiled = Vec::new();
+    for name in ["passthrough", "cloudevents"] {
+        let wasm = plugin_wasm(name);
+        let start = Instant::now();
+        let c = host.compile(&wasm, name).expect("compiles");
+        println!(
+            "{:<44} {:>8.1} ms ({} KB component)",
+            format!("upload-to-ready (compile) {name}"),
+            start.elapsed().as_secs_f64() * 1e3,
+            wasm.len() / 1024
+        );
+        compiled.push((name, wasm, c));
+    }
+    // A new host has an empty cache, as after a restart.
+    let restarted = PluginHost::new(limits.clone(), 4).expect("plugin host");
+    for (name, wasm, c) in &compiled {
+        let start = Instant::now();
+        let (_, recompiled) = restarted
+            .load(name, wasm, Some((&c.artifact, &c.artifact_key)))
+            .expect("loads");
+        assert!(recompiled.is_none(), "the artifact was not used");
+        println!(
+            "{:<44} {:>8.3} ms",
+            format!("ready after restart (artifact) {name}"),
+            start.elapsed().as_secs_f64() * 1e3
+        );
+    }
+
+    let ready = |name: &str| -> Ready { host.cached(name).expect("cached") };
+    for (name, label) in [
+        ("passthrough", "pass-through plugin"),
+        ("cloudevents", "JSON rewrite plugin (cloudevents)"),
+    ] {
+        let plugin = ready(name);
+        let check = host.invoke(&plugin, &event, "null");
+        assert!(check.result.is_ok(), "{:?}", check.result);
+        measure(
+            &format!("{label}, fresh instance + call"),
+            args.iterations,
+            || {
+                let out = host.invoke(&plugin, &event, "null");
+                std::hint::black_box(out);
+            },
+        );
+    }
+    let native_event = wasmhook_sdk_event(&event);
+    measure(
+        "JSON rewrite in native Rust (same code)",
+        args.iterations,
+        || {
+            let out = wasmhook_plugin_cloudevents::transform(
+                native_event.clone(),
+                wasmhook_sdk::Config::new(serde_json::Value::Null),
+            );
+            std::hint::black_box(out.ok());
+        },
+    );
+
+    let plugin = ready("cloudevents");
+    let host = Arc::new(host);
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (host, plugin, event) = (host.clone(), plugin.clone(), event.clone());
+            std::thread::spawn(move || {
+                let mut calls = 0u64;
+                while Instant::now() < deadline {
+                    std::hint::black_box(host.invoke(&plugin, &event, "null"));
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let calls: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    println!(
+        "{:<44} {:>8.0} calls/s",
+        "JSON rewrite plugin, two threads",
+        calls as f64 / args.seconds as f64
+    );
+
+    let hostile = plugin_wasm("hostile");
+    let runaway = host.compile(&hostile, "hostile").expect("compiles").ready;
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let out = host.invoke(&runaway, &event, r#"{"mode":"loop"}"#);
+        assert_eq!(out.result.as_ref().err().map(|e| e.kind()), Some("timeout"));
+        worst = worst.max(out.duration);
+    }
+    println!(
+        "{:<44} {:>8.1} ms worst of 20 (deadline {} ms, tick 5 ms)",
+        "runaway plugin stopped after",
+        worst.as_secs_f64() * 1e3,
+        limits.deadline.as_millis()
+    );
+}
+
+fn wasmhook_sdk_event(event: &PluginEvent) -> wasmhook_sdk::Event {
+    let mut native = wasmhook_sdk::Event::new(
+        &event.event_type,
+        serde_json::from_str(&event.payload).unwrap(),
+    );
+    native.id = event.id.clone();
+    native.timestamp = event.timestamp.clone();
+    native
+}

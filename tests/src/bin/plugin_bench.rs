@@ -33,7 +33,9 @@ fn event() -> PluginEvent {
             {"id": "il_2", "description": "Extra seat", "amount": 100, "quantity": 2, "period": {"start": 1700000000, "end": 1702592000}}
         ],
         "metadata": {"order_id": "ord_7731", "channel": "web", "campaign": "autumn-2026"},
-        "payment": {"method": "card", "brand": "visa", "last4": "4242", "exp_month": 12, "exp_year": 2030}
+        "payment": {"method": "card", "brand": "visa", "last4": "4242", "exp_month": 12, "exp_year": 2030},
+        "tax": {"rate": 0.19, "amount": 798, "jurisdiction": "DE", "exempt": false, "reverse_charge": false},
+        "notes": "Thank you for your business. Questions? Write to billing@acme.example."
     })
     .to_string();
     PluginEvent {

@@ -248,6 +248,20 @@ async fn the_playground_runs_a_plugin_on_a_sample() {
     );
     assert!(trap["logs"].to_string().contains("panicked"), "{trap}");
     assert!(trap["duration_us"].is_u64());
+
+    // The log is bounded, and the sandbox has no environment to leak.
+    let (_, flood) = run(&hostile, json!({}), json!({"mode": "log-flood"})).await;
+    let logs = flood["logs"].as_array().unwrap();
+    assert!(logs.len() <= 101, "{} log lines kept", logs.len());
+    assert!(
+        logs.last().unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("dropped"),
+        "{flood}"
+    );
+    let (_, env) = run(&hostile, json!({}), json!({"mode": "env"})).await;
+    assert_eq!(env["body"], json!([]), "{env}");
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, Limits, token_hash};
 use crate::config::{Role, Settings};
-use crate::delivery::{RetryPolicy, Sender, Worker, WorkerConfig, WorkerParts};
+use crate::delivery::{RetryPolicy, Sender, Worker, WorkerConfig};
 use crate::plugin::{PluginError, PluginHost, Plugins};
 use crate::store::{Store, StoreError};
 
@@ -81,7 +81,7 @@ impl Gateway {
             poll_interval: settings.poll_interval,
             shutdown_grace: settings.shutdown_grace,
         };
-        let worker = Worker::new(WorkerParts {
+        let worker = Worker {
             store,
             sender,
             policy,
@@ -89,7 +89,7 @@ impl Gateway {
             config: worker_config,
             wake,
             plugins,
-        });
+        };
         Ok(Self {
             listener,
             state,

@@ -12,4 +12,4 @@ pub mod worker;
 
 pub use retry::RetryPolicy;
 pub use sender::Sender;
-pub use worker::{Worker, WorkerConfig, WorkerParts};
+pub use worker::{Worker, WorkerConfig};

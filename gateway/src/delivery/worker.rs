@@ -34,49 +34,19 @@ pub struct WorkerConfig {
 /// Claimed deliveries not yet recorded: (delivery id → claim token).
 type InFlight = Arc<Mutex<HashMap<String, String>>>;
 
+/// A delivery worker, built from its parts by the server.
 pub struct Worker {
-    store: Store,
-    sender: Sender,
-    policy: UrlPolicy,
-    retry: RetryPolicy,
-    config: WorkerConfig,
-    wake: Arc<Notify>,
-    plugins: Plugins,
-}
-
-/// What the worker is built from.
-pub struct WorkerParts {
     pub store: Store,
     pub sender: Sender,
     pub policy: UrlPolicy,
     pub retry: RetryPolicy,
     pub config: WorkerConfig,
+    /// Notified when deliveries become due in this process.
     pub wake: Arc<Notify>,
     pub plugins: Plugins,
 }
 
 impl Worker {
-    pub fn new(parts: WorkerParts) -> Self {
-        let WorkerParts {
-            store,
-            sender,
-            policy,
-            retry,
-            config,
-            wake,
-            plugins,
-        } = parts;
-        Self {
-            store,
-            sender,
-            policy,
-            retry,
-            config,
-            wake,
-            plugins,
-        }
-    }
-
     /// Runs until `shutdown` is cancelled, then drains as described above.
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);

@@ -76,7 +76,9 @@ impl PluginHost {
             .map_err(unavailable)?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        let engine_key = format!("wasmtime-{}-{:016x}", wasmtime_version(), hasher.finish());
+        // The hash covers the wasmtime version and every setting that
+        // affects compiled code.
+        let engine_key = format!("engine-{:016x}", hasher.finish());
         let ticking = Arc::new(AtomicBool::new(true));
         start_ticker(engine.clone(), ticking.clone());
         Ok(Self {
@@ -245,12 +247,6 @@ fn engine_config(limits: &PluginLimits, concurrency: usize) -> Config {
         .max_wasm_stack(limits.max_stack_bytes)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config
-}
-
-fn wasmtime_version() -> &'static str {
-    // The crate version is pinned in Cargo.toml; artifacts of another
-    // version are recompiled rather than trusted.
-    "48"
 }
 
 fn start_ticker(engine: Engine, ticking: Arc<AtomicBool>) {

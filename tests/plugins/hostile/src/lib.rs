@@ -18,11 +18,11 @@ fn transform(event: Event, config: Config) -> Result<Outcome, Error> {
             black_box(&event);
         },
         "alloc" => {
-            let mut hoard: Vec<Vec<u8>> = Vec::new();
-            loop {
-                hoard.push(vec![1u8; 1 << 20]);
-                black_box(&hoard);
-            }
+            // One huge allocation: fails at once against the memory cap,
+            // whatever the machine's speed.
+            let mut hoard: Vec<u8> = Vec::with_capacity(black_box(256 << 20));
+            hoard.push(1);
+            Ok(Outcome::deliver_bytes(black_box(hoard)))
         }
         "recurse" => Ok(Outcome::deliver_bytes(vec![recurse(black_box(1)) as u8])),
         "shadow-stack" => Ok(Outcome::deliver_bytes(vec![shadow(black_box(1)) as u8])),

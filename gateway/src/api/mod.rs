@@ -92,12 +92,8 @@ pub fn router(state: AppState, serve_api: bool) -> Router {
         )
         .route("/apps/{app}/deliveries/{id}", get(deliveries::show))
         .route("/apps/{app}/deliveries/{id}/retry", post(deliveries::retry))
-        .route(
-            "/plugins",
-            post(plugins::upload)
-                .layer(DefaultBodyLimit::max(state.limits.max_plugin_bytes))
-                .get(plugins::list),
-        )
+        // Uploads are read as a stream with their own limit.
+        .route("/plugins", post(plugins::upload).get(plugins::list))
         .route("/plugins/{id}", get(plugins::show).delete(plugins::remove))
         .route("/plugins/{id}/test", post(plugins::test));
     let probes = Router::new()

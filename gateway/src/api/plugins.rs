@@ -2,11 +2,11 @@
 //! playground that runs a plugin on a sample event.
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use base64::Engine as _;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -72,7 +72,7 @@ pub async fn upload(
     caller: Caller,
     ApiQuery(query): ApiQuery<UploadQuery>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> ApiResult<(StatusCode, Json<PluginView>)> {
     caller.require_admin()?;
     check_label("name", &query.name)?;
@@ -88,10 +88,7 @@ pub async fn upload(
             "send the component as application/wasm",
         ));
     }
-    let wasm = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large("body", state.limits.max_plugin_bytes),
-        _ => ApiError::invalid("body", e.body_text()),
-    })?;
+    let wasm = read_limited(body, state.limits.max_plugin_bytes).await?;
     if wasm.is_empty() {
         return Err(ApiError::invalid(
             "body",
@@ -100,7 +97,7 @@ pub async fn upload(
     }
     let sha256 = hex::encode(Sha256::digest(&wasm));
     let host = state.plugins.host.clone();
-    let (bytes, hash) = (wasm.to_vec(), sha256.clone());
+    let (bytes, hash) = (wasm.clone(), sha256.clone());
     let compiled = tokio::task::spawn_blocking(move || host.compile(&bytes, &hash))
         .await
         .map_err(|e| ApiError::unavailable(format!("compilation failed to run: {e}")))?
@@ -109,7 +106,7 @@ pub async fn upload(
         name: query.name,
         version: query.version,
         sha256,
-        wasm: wasm.to_vec(),
+        wasm,
         artifact: compiled.artifact,
         artifact_key: compiled.artifact_key,
     };
@@ -120,6 +117,29 @@ pub async fn upload(
         StatusCode::OK
     };
     Ok((status, Json(plugin.into())))
+}
+
+/// Reads an upload up to `limit` bytes. An oversized one is still read
+/// (up to four times the limit) before the 413, so the client sees the
+/// answer instead of a connection reset mid-upload.
+async fn read_limited(body: Body, limit: usize) -> ApiResult<Vec<u8>> {
+    let mut chunks = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = chunks.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::invalid("body", format!("could not be read: {e}")))?;
+        seen += chunk.len();
+        if seen <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if seen > limit.saturating_mul(4) {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::too_large("body", limit));
+    }
+    Ok(kept)
 }
 
 pub async fn list(

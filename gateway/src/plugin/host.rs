@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
     Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
-    WasmBacktrace,
+    UpdateDeadline, WasmBacktrace,
 };
 
 use super::bindings::{Transform, TransformPre};
@@ -30,6 +30,8 @@ const MAX_SKIP_REASON: usize = 1024;
 /// reset, so no `madvise` (and no cross-core TLB shootdown) per instance;
 /// a Rust guest dirties its stack and heap around the first 2 MiB.
 const KEEP_RESIDENT: usize = 4 * 1024 * 1024;
+/// Fiber stack bytes kept mapped between invocations.
+const ASYNC_STACK_KEEP_RESIDENT: usize = 2 * 1024 * 1024;
 
 /// A compiled plugin, ready to instantiate.
 #[derive(Clone)]
@@ -71,7 +73,7 @@ impl PluginHost {
         let unavailable = |e: wasmtime::Error| PluginError::Unavailable(e.to_string());
         let engine = Engine::new(&engine_config(&limits, concurrency)).map_err(unavailable)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(unavailable)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(unavailable)?;
         Transform::add_to_linker::<_, HasSelf<_>>(&mut linker, |sandbox| sandbox)
             .map_err(unavailable)?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -178,8 +180,8 @@ impl PluginHost {
             .insert(sha256, ready);
     }
 
-    /// Runs one invocation on a blocking thread, at most `concurrency` at
-    /// a time, so a slow plugin never stalls the async runtime.
+    /// Runs one invocation, at most `concurrency` at a time (the size of
+    /// the instance pool).
     pub async fn run(&self, ready: &Ready, event: PluginEvent, config: String) -> Invocation {
         let Ok(_slot) = self.inner.slots.acquire().await else {
             return Invocation {
@@ -190,31 +192,33 @@ impl PluginHost {
                 duration: Duration::ZERO,
             };
         };
-        let (host, ready) = (self.clone(), ready.clone());
-        tokio::task::spawn_blocking(move || host.invoke(&ready, &event, &config))
-            .await
-            .unwrap_or_else(|e| Invocation {
-                result: Err(PluginError::Trap(format!(
-                    "the invocation thread failed: {e}"
-                ))),
-                logs: Vec::new(),
-                duration: Duration::ZERO,
-            })
+        self.invoke(ready, &event, &config).await
     }
 
     /// A fresh instance, the deadline armed before instantiation (which
-    /// runs guest code too), one call, and the instance gone.
-    pub fn invoke(&self, ready: &Ready, event: &PluginEvent, config: &str) -> Invocation {
+    /// runs guest code too), one call, and the instance gone. The guest
+    /// yields to the runtime at every epoch tick and is interrupted once
+    /// its deadline has passed.
+    pub async fn invoke(&self, ready: &Ready, event: &PluginEvent, config: &str) -> Invocation {
         let limits = &self.inner.limits;
         let started = Instant::now();
         let mut store = Store::new(&self.inner.engine, Sandbox::new(limits));
         store.limiter(|sandbox| &mut sandbox.limiter);
-        store.set_epoch_deadline(deadline_ticks(limits.deadline));
-        store.epoch_deadline_trap();
-        let called = ready
-            .0
-            .instantiate(&mut store)
-            .and_then(|instance| instance.call_transform(&mut store, event, config));
+        let max_ticks = deadline_ticks(limits.deadline);
+        let mut ticks = 0;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            ticks += 1;
+            Ok(if ticks >= max_ticks {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        let called = match ready.0.instantiate_async(&mut store).await {
+            Ok(instance) => instance.call_transform(&mut store, event, config).await,
+            Err(error) => Err(error),
+        };
         let result = match called {
             Ok(Ok(outcome)) => check_output(outcome, limits),
             Ok(Err(message)) => Err(PluginError::Returned(message)),
@@ -237,6 +241,8 @@ fn engine_config(limits: &PluginLimits, concurrency: usize) -> Config {
         .total_memories(instances.saturating_mul(2))
         .total_tables(instances.saturating_mul(4))
         .max_memory_size(limits.max_memory_bytes)
+        .total_stacks(instances)
+        .async_stack_keep_resident(ASYNC_STACK_KEEP_RESIDENT)
         .linear_memory_keep_resident(KEEP_RESIDENT)
         .table_keep_resident(KEEP_RESIDENT)
         .pagemap_scan(Enabled::Auto);

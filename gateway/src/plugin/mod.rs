@@ -23,6 +23,9 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../sdk/wit",
         world: "transform",
+        // Called from the async runtime; the guest yields at every epoch
+        // tick, so a busy plugin never holds a runtime thread for long.
+        exports: { default: async },
     });
 }
 

@@ -79,8 +79,28 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// Runs one invocation to completion on a single-threaded runtime, as a
+/// gateway worker thread would.
+fn call(
+    rt: &tokio::runtime::Runtime,
+    host: &PluginHost,
+    plugin: &Ready,
+    event: &PluginEvent,
+    config: &str,
+) -> wasmhook::plugin::Invocation {
+    rt.block_on(host.invoke(plugin, event, config))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 fn main() {
     let args = Args::parse();
+    let rt = runtime();
     let limits = PluginLimits::default();
     let host = PluginHost::new(limits.clone(), 4).expect("plugin host");
     let event = event();
@@ -123,13 +143,13 @@ fn main() {
         ("cloudevents", "JSON rewrite plugin (cloudevents)"),
     ] {
         let plugin = ready(name);
-        let check = host.invoke(&plugin, &event, "null");
+        let check = call(&rt, &host, &plugin, &event, "null");
         assert!(check.result.is_ok(), "{:?}", check.result);
         measure(
             &format!("{label}, fresh instance + call"),
             args.iterations,
             || {
-                let out = host.invoke(&plugin, &event, "null");
+                let out = call(&rt, &host, &plugin, &event, "null");
                 std::hint::black_box(out);
             },
         );
@@ -154,9 +174,10 @@ fn main() {
         .map(|_| {
             let (host, plugin, event) = (host.clone(), plugin.clone(), event.clone());
             std::thread::spawn(move || {
+                let rt = runtime();
                 let mut calls = 0u64;
                 while Instant::now() < deadline {
-                    std::hint::black_box(host.invoke(&plugin, &event, "null"));
+                    std::hint::black_box(call(&rt, &host, &plugin, &event, "null"));
                     calls += 1;
                 }
                 calls
@@ -174,7 +195,7 @@ fn main() {
     let runaway = host.compile(&hostile, "hostile").expect("compiles").ready;
     let mut worst = Duration::ZERO;
     for _ in 0..20 {
-        let out = host.invoke(&runaway, &event, r#"{"mode":"loop"}"#);
+        let out = call(&rt, &host, &runaway, &event, r#"{"mode":"loop"}"#);
         assert_eq!(out.result.as_ref().err().map(|e| e.kind()), Some("timeout"));
         worst = worst.max(out.duration);
     }

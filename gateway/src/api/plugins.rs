@@ -17,7 +17,7 @@ use super::error::{ApiError, ApiResult, OrNotFound};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page};
 use crate::delivery::message::rfc3339;
 use crate::domain::EventType;
-use crate::plugin::{Decision, PluginEvent};
+use crate::plugin::{Decision, Delivered, PluginEvent};
 use crate::store::{NewPlugin, Plugin, now_ms};
 
 const MAX_NAME_LEN: usize = 64;
@@ -229,11 +229,11 @@ pub async fn test(
     let invocation = state.plugins.host.run(&ready, event, config).await;
     let mut answer = match invocation.result {
         Ok(Decision::Skip(reason)) => json!({ "outcome": "skip", "reason": reason }),
-        Ok(Decision::Deliver {
+        Ok(Decision::Deliver(Delivered {
             body,
             content_type,
             headers,
-        }) => {
+        })) => {
             let headers: serde_json::Map<String, Value> = headers
                 .into_iter()
                 .map(|(k, v)| (k, Value::String(v)))

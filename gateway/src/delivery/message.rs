@@ -6,6 +6,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::domain::CustomHeaders;
+use crate::plugin::Delivered;
 use crate::signing::{Secret, signature_header};
 use crate::store::{ClaimedDelivery, Millis};
 use crate::url_safety::{TargetUrl, UrlPolicy};
@@ -66,14 +67,6 @@ pub fn active_secrets(delivery: &ClaimedDelivery, now: Millis) -> Result<Vec<Sec
     Ok(secrets)
 }
 
-/// What a plugin made of the delivery, replacing the default body.
-#[derive(Debug, Clone)]
-pub struct Transformed {
-    pub body: Vec<u8>,
-    pub content_type: String,
-    pub headers: Vec<(String, String)>,
-}
-
 /// Builds the signed request for one attempt at `now`. The URL is checked
 /// again: the policy may have tightened since the webhook was registered.
 /// The signature covers the bytes actually sent, a plugin's included.
@@ -81,7 +74,7 @@ pub fn build(
     delivery: &ClaimedDelivery,
     policy: &UrlPolicy,
     now: Millis,
-    transformed: Option<Transformed>,
+    transformed: Option<Delivered>,
 ) -> Result<OutgoingRequest, BuildError> {
     let url = policy.parse(&delivery.url)?;
     let (body, content_type, plugin_headers) = match transformed {

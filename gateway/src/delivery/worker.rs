@@ -13,11 +13,11 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::message::{self, Transformed};
+use super::message;
 use super::retry::RetryPolicy;
 use super::sender::{SendResult, Sender};
-use crate::plugin::{Decision, Plugins};
-use crate::store::{AttemptRecord, ClaimedDelivery, Store, now_ms};
+use crate::plugin::{Decision, Delivered, Plugins};
+use crate::store::{AttemptRecord, ClaimedDelivery, Millis, Store, now_ms};
 use crate::url_safety::UrlPolicy;
 
 /// Most deliveries claimed, or results recorded, per transaction.
@@ -117,32 +117,9 @@ impl Worker {
         if !delivery.enabled {
             return self.retry.abandon(delivery, now);
         }
-        let transformed = match self.plugins.transform(delivery).await {
-            None => None,
-            Some(invocation) => {
-                let duration_ms = invocation.duration.as_millis() as i64;
-                for line in &invocation.logs {
-                    tracing::debug!(delivery = %delivery.id, level = line.level, "plugin: {}", line.message);
-                }
-                match invocation.result {
-                    Ok(Decision::Skip(reason)) => {
-                        return self.retry.skip(delivery, reason, now, duration_ms);
-                    }
-                    Ok(Decision::Deliver {
-                        body,
-                        content_type,
-                        headers,
-                    }) => Some(Transformed {
-                        body,
-                        content_type,
-                        headers,
-                    }),
-                    Err(error) => {
-                        let failed = SendResult::plugin_failed(&error, now, invocation.duration);
-                        return self.retry.decide(delivery, failed, now_ms());
-                    }
-                }
-            }
+        let transformed = match self.transform(delivery, now).await {
+            Ok(transformed) => transformed,
+            Err(ended) => return ended,
         };
         let result = match message::build(delivery, &self.policy, now_ms(), transformed) {
             Ok(request) => self.sender.send(request).await,
@@ -150,6 +127,32 @@ impl Worker {
         };
         tracing::debug!(delivery = %delivery.id, outcome = result.kind.as_str(), "attempt finished");
         self.retry.decide(delivery, result, now_ms())
+    }
+
+    /// Runs the webhook's plugin, if any: the request it made, or the
+    /// record that ends this attempt (a skip, or a plugin failure).
+    async fn transform(
+        &self,
+        delivery: &ClaimedDelivery,
+        now: Millis,
+    ) -> Result<Option<Delivered>, AttemptRecord> {
+        let Some(invocation) = self.plugins.transform(delivery).await else {
+            return Ok(None);
+        };
+        for line in &invocation.logs {
+            tracing::debug!(delivery = %delivery.id, level = line.level, "plugin: {}", line.message);
+        }
+        match invocation.result {
+            Ok(Decision::Deliver(delivered)) => Ok(Some(delivered)),
+            Ok(Decision::Skip(reason)) => {
+                let duration_ms = invocation.duration.as_millis() as i64;
+                Err(self.retry.skip(delivery, reason, now, duration_ms))
+            }
+            Err(error) => {
+                let failed = SendResult::plugin_failed(&error, now, invocation.duration);
+                Err(self.retry.decide(delivery, failed, now_ms()))
+            }
+        }
     }
 }
 

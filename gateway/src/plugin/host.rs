@@ -15,7 +15,7 @@ use wasmtime::{
 
 use super::bindings::{Transform, TransformPre};
 use super::sandbox::{PluginLimits, Sandbox};
-use super::{Decision, Invocation, PluginError, PluginEvent, UploadError, WitOutcome};
+use super::{Decision, Delivered, Invocation, PluginError, PluginEvent, UploadError, WitOutcome};
 use crate::domain::is_reserved_header;
 
 /// How often the epoch advances: a runaway plugin is stopped within its
@@ -398,11 +398,11 @@ fn check_output(outcome: WitOutcome, limits: &PluginLimits) -> Result<Decision, 
             ));
         }
     }
-    Ok(Decision::Deliver {
+    Ok(Decision::Deliver(Delivered {
         body: delivery.body,
         content_type,
         headers: delivery.headers,
-    })
+    }))
 }
 
 /// Compiled components by content hash, the oldest dropped when full.

@@ -88,12 +88,16 @@ impl PluginError {
 /// What a plugin decided, checked and ready to sign and send.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    Deliver {
-        body: Vec<u8>,
-        content_type: String,
-        headers: Vec<(String, String)>,
-    },
+    Deliver(Delivered),
     Skip(String),
+}
+
+/// The request a plugin made of a delivery, replacing the default body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivered {
+    pub body: Vec<u8>,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
 }
 
 /// One invocation's result with its log.

@@ -86,7 +86,7 @@ pub struct Settings {
     #[arg(long, env = "WASMHOOK_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = parse_duration)]
     pub idempotency_window: Duration,
 
-    /// CPU deadline of one plugin invocation, instantiation included.
+    /// Deadline of one plugin invocation (wall clock), instantiation included.
     #[arg(long, env = "WASMHOOK_PLUGIN_DEADLINE", default_value = "100ms", value_parser = parse_duration)]
     pub plugin_deadline: Duration,
 

@@ -3,7 +3,7 @@
 //! Plugins are components of the `wasmhook:plugin` world (`sdk/wit/`).
 //! [`PluginHost::compile`] checks and compiles one at upload;
 //! [`PluginHost::run`] runs it for one delivery in a fresh, sandboxed
-//! instance: no network, no files, no environment, a CPU deadline, a memory
+//! instance: no network, no files, no environment, a deadline, a memory
 //! cap, a stack cap, and bounded output and logs. Compiled components stay
 //! ready in a bounded cache keyed by content hash, and their precompiled
 //! machine code is kept in the store so a restart does not compile again.
@@ -54,7 +54,7 @@ pub enum UploadError {
 /// sends nothing.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PluginError {
-    #[error("the plugin ran past its {0:?} CPU deadline")]
+    #[error("the plugin ran past its {0:?} deadline")]
     Timeout(Duration),
     #[error("the plugin tried to use more than its {0} bytes of memory")]
     MemoryLimit(usize),

@@ -14,7 +14,7 @@ use super::bindings::wasmhook::plugin::{log, types};
 /// Per-invocation limits.
 #[derive(Debug, Clone)]
 pub struct PluginLimits {
-    /// CPU deadline, instantiation included.
+    /// Wall-clock deadline (counted in epoch ticks), instantiation included.
     pub deadline: Duration,
     pub max_memory_bytes: usize,
     pub max_stack_bytes: usize,

@@ -266,8 +266,11 @@ async fn the_playground_runs_a_plugin_on_a_sample() {
 
 #[tokio::test]
 async fn hostile_plugins_fail_their_attempt_and_others_keep_flowing() {
+    // The deadline is wall-clock time (epochs); leave room for a loaded CI
+    // machine so only the runaway hits it.
     let gateway = GatewayBuilder::default()
         .env("WASMHOOK_RETRY_SCHEDULE", "1h")
+        .env("WASMHOOK_PLUGIN_DEADLINE", "500ms")
         .spawn()
         .await;
     let world = World::with(gateway).await;
@@ -335,8 +338,8 @@ async fn hostile_plugins_fail_their_attempt_and_others_keep_flowing() {
         if mode == "loop" {
             let took = attempt["duration_ms"].as_i64().unwrap();
             assert!(
-                took < 1000,
-                "the runaway plugin ran {took} ms against a 100 ms deadline"
+                (500..2000).contains(&took),
+                "the runaway plugin ran {took} ms against a 500 ms deadline"
             );
         }
     }

@@ -23,6 +23,25 @@ pub fn plugin_wasm(name: &str) -> Vec<u8> {
     })
 }
 
+/// A plugin built for `wasm32-unknown-unknown` (a core module carrying
+/// its WIT type), turned into a component with `wit-component`: no WASI
+/// imports at all, only the plugin log.
+pub fn plugin_component_from_core(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/guest/wasm32-unknown-unknown/release")
+        .join(format!("wasmhook_plugin_{name}.wasm"));
+    let core = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; scripts/test builds it for wasm32-unknown-unknown",
+            path.display()
+        )
+    });
+    wit_component::ComponentEncoder::default()
+        .module(&core)
+        .and_then(|encoder| encoder.validate(true).encode())
+        .unwrap_or_else(|e| panic!("{name} does not componentize: {e:#}"))
+}
+
 /// Checks a delivery with the `standardwebhooks` crate, an implementation
 /// of the spec not written here.
 pub fn verify_signature(secret: &str, received: &Received) -> Result<(), String> {

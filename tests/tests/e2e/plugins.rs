@@ -349,6 +349,26 @@ async fn hostile_plugins_fail_their_attempt_and_others_keep_flowing() {
         .await;
 }
 
+/// A guest built for `wasm32-unknown-unknown` and componentized imports
+/// only the plugin log: smaller, and accepted like any other.
+#[tokio::test]
+async fn components_without_wasi_are_accepted() {
+    let world = World::new().await;
+    let component = wasmhook_tests::plugin_component_from_core("passthrough");
+    assert!(component.len() < plugin_wasm("passthrough").len());
+    let (status, uploaded) = world
+        .gateway
+        .upload_plugin("bare", "1.0.0", component)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{uploaded}");
+    world
+        .webhook("/bare", json!({"plugin": {"id": uploaded["id"]}}))
+        .await;
+    world.publish("a.b", json!({"bare": true})).await;
+    let got = world.wait_for(1, PATIENCE).await;
+    assert_eq!(got[0].json(), json!({"bare": true}));
+}
+
 #[tokio::test]
 async fn plugins_keep_working_after_a_restart() {
     let world = World::new().await;

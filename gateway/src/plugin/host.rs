@@ -96,10 +96,6 @@ impl PluginHost {
         })
     }
 
-    pub fn limits(&self) -> &PluginLimits {
-        &self.inner.limits
-    }
-
     /// The key an artifact of the plugin with this hash must carry to be
     /// loaded by this host: same wasmtime, same engine settings.
     pub fn artifact_key(&self, sha256: &str) -> String {

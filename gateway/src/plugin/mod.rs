@@ -29,9 +29,7 @@ mod bindings {
     });
 }
 
-pub use bindings::wasmhook::plugin::types::{
-    Delivery as WitDelivery, Event as PluginEvent, Outcome as WitOutcome,
-};
+pub use bindings::wasmhook::plugin::types::{Event as PluginEvent, Outcome as WitOutcome};
 
 /// Why an upload was refused.
 #[derive(Debug, thiserror::Error)]

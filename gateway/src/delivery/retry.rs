@@ -81,24 +81,17 @@ impl RetryPolicy {
                 )
             }
         };
-        AttemptRecord {
-            delivery_id: delivery.id.clone(),
-            claim_token: delivery.claim_token.clone(),
-            webhook_id: delivery.webhook_id.clone(),
-            attempt: Some(AttemptRow {
-                number,
-                started_at: result.started_at,
-                duration_ms: result.duration.as_millis() as i64,
-                outcome: result.kind.as_str(),
-                status_code: result.status_code.map(i64::from),
-                response_body: result.response_body,
-                error: result.error,
-                plugin_error: result.plugin_error,
-            }),
-            next,
-            webhook,
-            now,
-        }
+        let attempt = AttemptRow {
+            number,
+            started_at: result.started_at,
+            duration_ms: result.duration.as_millis() as i64,
+            outcome: result.kind.as_str(),
+            status_code: result.status_code.map(i64::from),
+            response_body: result.response_body,
+            error: result.error,
+            plugin_error: result.plugin_error,
+        };
+        record(delivery, Some(attempt), next, webhook, now)
     }
 
     /// The plugin decided not to send: the delivery ends as `skipped`,
@@ -110,24 +103,24 @@ impl RetryPolicy {
         started_at: Millis,
         duration_ms: i64,
     ) -> AttemptRecord {
-        AttemptRecord {
-            delivery_id: delivery.id.clone(),
-            claim_token: delivery.claim_token.clone(),
-            webhook_id: delivery.webhook_id.clone(),
-            attempt: Some(AttemptRow {
-                number: delivery.attempts + 1,
-                started_at,
-                duration_ms,
-                outcome: "skipped",
-                status_code: None,
-                response_body: None,
-                error: None,
-                plugin_error: None,
-            }),
-            next: NextState::Skipped { reason },
-            webhook: WebhookEffect::None,
-            now: crate::store::now_ms(),
-        }
+        let attempt = AttemptRow {
+            number: delivery.attempts + 1,
+            started_at,
+            duration_ms,
+            outcome: "skipped",
+            status_code: None,
+            response_body: None,
+            error: None,
+            plugin_error: None,
+        };
+        let next = NextState::Skipped { reason };
+        record(
+            delivery,
+            Some(attempt),
+            next,
+            WebhookEffect::None,
+            crate::store::now_ms(),
+        )
     }
 
     /// A delivery whose webhook was disabled ends without an attempt; a
@@ -137,17 +130,29 @@ impl RetryPolicy {
             .disabled_reason
             .as_deref()
             .unwrap_or("disabled by a user");
-        AttemptRecord {
-            delivery_id: delivery.id.clone(),
-            claim_token: delivery.claim_token.clone(),
-            webhook_id: delivery.webhook_id.clone(),
-            attempt: None,
-            next: NextState::Dead {
-                error: format!("webhook disabled: {reason}"),
-            },
-            webhook: WebhookEffect::None,
-            now,
-        }
+        let next = NextState::Dead {
+            error: format!("webhook disabled: {reason}"),
+        };
+        record(delivery, None, next, WebhookEffect::None, now)
+    }
+}
+
+/// The record for `delivery`'s current claim.
+fn record(
+    delivery: &ClaimedDelivery,
+    attempt: Option<AttemptRow>,
+    next: NextState,
+    webhook: WebhookEffect,
+    now: Millis,
+) -> AttemptRecord {
+    AttemptRecord {
+        delivery_id: delivery.id.clone(),
+        claim_token: delivery.claim_token.clone(),
+        webhook_id: delivery.webhook_id.clone(),
+        attempt,
+        next,
+        webhook,
+        now,
     }
 }
 

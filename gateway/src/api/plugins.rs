@@ -66,7 +66,8 @@ fn check_label(field: &'static str, value: &str) -> ApiResult<()> {
 }
 
 /// Uploads a component (`application/wasm` body). It is checked and
-/// compiled before it is stored, so a stored plugin always runs.
+/// compiled (quick tier) before it is stored, so a stored plugin always
+/// runs; the optimised code follows in the background.
 pub async fn upload(
     State(state): State<AppState>,
     caller: Caller,
@@ -98,7 +99,7 @@ pub async fn upload(
     let sha256 = hex::encode(Sha256::digest(&wasm));
     let host = state.plugins.host.clone();
     let (bytes, hash) = (wasm.clone(), sha256.clone());
-    let compiled = tokio::task::spawn_blocking(move || host.compile(&bytes, &hash))
+    tokio::task::spawn_blocking(move || host.compile_quick(&bytes, &hash))
         .await
         .map_err(|e| ApiError::unavailable(format!("compilation failed to run: {e}")))?
         .map_err(|e| ApiError::invalid_plugin(e.to_string()))?;
@@ -107,10 +108,14 @@ pub async fn upload(
         version: query.version,
         sha256,
         wasm,
-        artifact: compiled.artifact,
-        artifact_key: compiled.artifact_key,
     };
+    let wasm = new.wasm.clone();
     let (plugin, created) = state.store.create_plugin(new).await?;
+    if created {
+        state
+            .plugins
+            .optimize_in_background(plugin.sha256.clone(), wasm);
+    }
     let status = if created {
         StatusCode::CREATED
     } else {

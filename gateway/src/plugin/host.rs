@@ -1,4 +1,9 @@
-//! The engine, the compiled-component cache, and invocation.
+//! The engines, the compiled-component cache, and invocation.
+//!
+//! Two tiers: an upload is checked and made ready with Winch (a baseline
+//! compiler, about 4x faster to compile than Cranelift), so it is usable at
+//! once; Cranelift then compiles it in the background into the optimised
+//! code that replaces it in the cache and is stored as the artifact.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -9,8 +14,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
-    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
-    UpdateDeadline, WasmBacktrace,
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Strategy,
+    Trap, UpdateDeadline, WasmBacktrace,
 };
 
 use super::bindings::{Transform, TransformPre};
@@ -33,9 +38,36 @@ const KEEP_RESIDENT: usize = 4 * 1024 * 1024;
 /// Fiber stack bytes kept mapped between invocations.
 const ASYNC_STACK_KEEP_RESIDENT: usize = 2 * 1024 * 1024;
 
-/// A compiled plugin, ready to instantiate.
+/// A compiled plugin, ready to instantiate on the engine that compiled it.
 #[derive(Clone)]
-pub struct Ready(Arc<TransformPre<Sandbox>>);
+pub struct Ready {
+    pre: Arc<TransformPre<Sandbox>>,
+    engine: Engine,
+    optimized: bool,
+}
+
+impl Ready {
+    /// Whether this is Cranelift's code (else the quick Winch tier).
+    pub fn is_optimized(&self) -> bool {
+        self.optimized
+    }
+}
+
+/// One compiler's engine and the imports it links plugins against.
+struct Tier {
+    engine: Engine,
+    linker: Linker<Sandbox>,
+}
+
+impl Tier {
+    fn new(config: &Config) -> wasmtime::Result<Self> {
+        let engine = Engine::new(config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        Transform::add_to_linker::<_, HasSelf<_>>(&mut linker, |sandbox| sandbox)?;
+        Ok(Self { engine, linker })
+    }
+}
 
 /// The result of compiling an upload.
 pub struct Compiled {
@@ -51,8 +83,10 @@ pub struct PluginHost {
 }
 
 struct Inner {
-    engine: Engine,
-    linker: Linker<Sandbox>,
+    /// Cranelift, pooled instances: what deliveries run on.
+    optimized: Tier,
+    /// Winch, instances allocated on demand: only until Cranelift is done.
+    quick: Tier,
     limits: PluginLimits,
     cache: Mutex<Cache>,
     slots: Semaphore,
@@ -71,22 +105,25 @@ impl PluginHost {
     /// simultaneous invocations, epoch interruption) and starts its ticker.
     pub fn new(limits: PluginLimits, concurrency: usize) -> Result<Self, PluginError> {
         let unavailable = |e: wasmtime::Error| PluginError::Unavailable(e.to_string());
-        let engine = Engine::new(&engine_config(&limits, concurrency)).map_err(unavailable)?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(unavailable)?;
-        Transform::add_to_linker::<_, HasSelf<_>>(&mut linker, |sandbox| sandbox)
-            .map_err(unavailable)?;
+        let optimized = Tier::new(&engine_config(&limits, concurrency)).map_err(unavailable)?;
+        let quick = Tier::new(&quick_engine_config(&limits)).map_err(unavailable)?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
+        optimized
+            .engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
         // The hash covers the wasmtime version and every setting that
         // affects compiled code.
         let engine_key = format!("engine-{:016x}", hasher.finish());
         let ticking = Arc::new(AtomicBool::new(true));
-        start_ticker(engine.clone(), ticking.clone());
+        start_ticker(
+            vec![optimized.engine.clone(), quick.engine.clone()],
+            ticking.clone(),
+        );
         Ok(Self {
             inner: Arc::new(Inner {
-                engine,
-                linker,
+                optimized,
+                quick,
                 limits,
                 cache: Mutex::new(Cache::default()),
                 slots: Semaphore::new(concurrency),
@@ -102,12 +139,30 @@ impl PluginHost {
         format!("{sha256}/{}", self.inner.engine_key)
     }
 
-    /// Checks and compiles an upload (CPU-heavy: call off the async path).
+    /// Checks an upload and makes it ready with the quick tier, unless it
+    /// is in the cache already (CPU-heavy: call off the async path). Follow
+    /// with [`PluginHost::compile`] for the optimised code and artifact.
+    pub fn compile_quick(&self, wasm: &[u8], sha256: &str) -> Result<Ready, UploadError> {
+        if let Some(ready) = self.cached(sha256) {
+            return Ok(ready);
+        }
+        check_header(wasm)?;
+        let quick = &self.inner.quick;
+        let component = Component::new(&quick.engine, wasm)
+            .map_err(|e| UploadError::Compile(format!("{e:#}")))?;
+        let ready = prepare(quick, &component, false)?;
+        self.remember(sha256, ready.clone());
+        Ok(ready)
+    }
+
+    /// Checks and compiles an upload with Cranelift (CPU-heavy: call off
+    /// the async path); the result replaces any quick-tier code.
     pub fn compile(&self, wasm: &[u8], sha256: &str) -> Result<Compiled, UploadError> {
         check_header(wasm)?;
-        let component = Component::new(&self.inner.engine, wasm)
+        let optimized = &self.inner.optimized;
+        let component = Component::new(&optimized.engine, wasm)
             .map_err(|e| UploadError::Compile(format!("{e:#}")))?;
-        let ready = self.prepare(&component)?;
+        let ready = prepare(optimized, &component, true)?;
         let artifact = component
             .serialize()
             .map_err(|e| UploadError::Compile(format!("cannot serialize: {e}")))?;
@@ -117,17 +172,6 @@ impl PluginHost {
             artifact,
             artifact_key: self.artifact_key(sha256),
         })
-    }
-
-    fn prepare(&self, component: &Component) -> Result<Ready, UploadError> {
-        check_imports(component, &self.inner.engine)?;
-        let pre = self
-            .inner
-            .linker
-            .instantiate_pre(component)
-            .map_err(|e| UploadError::ForbiddenImports(format!("{e:#}")))?;
-        let pre = TransformPre::new(pre).map_err(|e| UploadError::WrongWorld(format!("{e:#}")))?;
-        Ok(Ready(Arc::new(pre)))
     }
 
     /// A plugin already in memory.
@@ -153,10 +197,10 @@ impl PluginHost {
             // SAFETY: artifacts are only written by `compile` of a host with
             // this very key (wasmtime version and engine settings), into our
             // own database; wasmtime also checks compatibility itself.
-            let component = unsafe { Component::deserialize(&self.inner.engine, bytes) };
+            let optimized = &self.inner.optimized;
+            let component = unsafe { Component::deserialize(&optimized.engine, bytes) };
             if let Ok(component) = component {
-                let ready = self
-                    .prepare(&component)
+                let ready = prepare(optimized, &component, true)
                     .map_err(|e| PluginError::Unavailable(e.to_string()))?;
                 self.remember(sha256, ready.clone());
                 return Ok((ready, None));
@@ -198,7 +242,7 @@ impl PluginHost {
     pub async fn invoke(&self, ready: &Ready, event: &PluginEvent, config: &str) -> Invocation {
         let limits = &self.inner.limits;
         let started = Instant::now();
-        let mut store = Store::new(&self.inner.engine, Sandbox::new(limits));
+        let mut store = Store::new(&ready.engine, Sandbox::new(limits));
         store.limiter(|sandbox| &mut sandbox.limiter);
         let max_ticks = deadline_ticks(limits.deadline);
         let mut ticks = 0;
@@ -211,7 +255,7 @@ impl PluginHost {
                 UpdateDeadline::Yield(1)
             })
         });
-        let called = match ready.0.instantiate_async(&mut store).await {
+        let called = match ready.pre.instantiate_async(&mut store).await {
             Ok(instance) => instance.call_transform(&mut store, event, config).await,
             Err(error) => Err(error),
         };
@@ -251,13 +295,41 @@ fn engine_config(limits: &PluginLimits, concurrency: usize) -> Config {
     config
 }
 
-fn start_ticker(engine: Engine, ticking: Arc<AtomicBool>) {
+/// Winch compiles fast and runs slower; its code serves only until the
+/// optimised code is ready, so its instances are not pooled.
+fn quick_engine_config(limits: &PluginLimits) -> Config {
+    let mut config = Config::new();
+    config
+        .strategy(Strategy::Winch)
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(limits.max_stack_bytes);
+    config
+}
+
+fn prepare(tier: &Tier, component: &Component, optimized: bool) -> Result<Ready, UploadError> {
+    check_imports(component, &tier.engine)?;
+    let pre = tier
+        .linker
+        .instantiate_pre(component)
+        .map_err(|e| UploadError::ForbiddenImports(format!("{e:#}")))?;
+    let pre = TransformPre::new(pre).map_err(|e| UploadError::WrongWorld(format!("{e:#}")))?;
+    Ok(Ready {
+        pre: Arc::new(pre),
+        engine: tier.engine.clone(),
+        optimized,
+    })
+}
+
+fn start_ticker(engines: Vec<Engine>, ticking: Arc<AtomicBool>) {
     std::thread::Builder::new()
         .name("wasmhook-plugin-epoch".into())
         .spawn(move || {
             while ticking.load(Ordering::Relaxed) {
                 std::thread::sleep(TICK);
-                engine.increment_epoch();
+                for engine in &engines {
+                    engine.increment_epoch();
+                }
             }
         })
         .expect("spawn the plugin epoch ticker");

@@ -1,7 +1,9 @@
 //! The WebAssembly plugin host.
 //!
 //! Plugins are components of the `wasmhook:plugin` world (`sdk/wit/`).
-//! [`PluginHost::compile`] checks and compiles one at upload;
+//! [`PluginHost::compile_quick`] checks one at upload and makes it ready
+//! with a fast baseline compiler; [`PluginHost::compile`] produces the
+//! optimised code in the background;
 //! [`PluginHost::run`] runs it for one delivery in a fresh, sandboxed
 //! instance: no network, no files, no environment, a deadline, a memory
 //! cap, a stack cap, and bounded output and logs. Compiled components stay

@@ -46,6 +46,37 @@ impl Plugins {
         Ok(ready)
     }
 
+    /// Compiles a new upload with the optimising compiler off the request
+    /// path; its code then replaces the quick tier's in the cache and is
+    /// stored as the artifact. If this is lost (a crash), the next start
+    /// compiles the plugin again.
+    pub fn optimize_in_background(&self, sha256: String, wasm: Vec<u8>) {
+        let plugins = self.clone();
+        tokio::spawn(async move {
+            let host = plugins.host.clone();
+            let hash = sha256.clone();
+            let compiled = tokio::task::spawn_blocking(move || host.compile(&wasm, &hash)).await;
+            let compiled = match compiled {
+                Ok(Ok(compiled)) => compiled,
+                Ok(Err(error)) => {
+                    tracing::error!(%sha256, %error, "optimising compile of a plugin failed");
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%sha256, %error, "optimising compile of a plugin panicked");
+                    return;
+                }
+            };
+            if let Err(error) = plugins
+                .store
+                .set_plugin_artifact(&sha256, compiled.artifact, &compiled.artifact_key)
+                .await
+            {
+                tracing::warn!(%sha256, %error, "could not store a plugin artifact");
+            }
+        });
+    }
+
     /// Loads every stored plugin, so the first deliveries after a start
     /// find them ready.
     pub async fn warm_up(&self) {

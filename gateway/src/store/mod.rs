@@ -104,15 +104,14 @@ pub struct PluginCode {
     pub artifact_key: Option<String>,
 }
 
-/// An upload to store: the component and the artifact compiled from it.
+/// An upload to store: the component (its artifact is added once the
+/// optimised compile is done).
 #[derive(Debug, Clone)]
 pub struct NewPlugin {
     pub name: String,
     pub version: String,
     pub sha256: String,
     pub wasm: Vec<u8>,
-    pub artifact: Vec<u8>,
-    pub artifact_key: String,
 }
 
 #[derive(Debug, Clone)]

@@ -374,8 +374,81 @@ async fn plugins_keep_working_after_a_restart() {
     let world = World::new().await;
     let plugin = world.gateway.plugin("passthrough").await;
     world.webhook("/p", json!({"plugin": {"id": plugin}})).await;
+    // The upload answered after the quick compile; the optimised artifact
+    // is stored in the background, and a restart loads it.
+    let db = world.gateway.database_path();
+    let precompiled = || {
+        let db = rusqlite::Connection::open(&db).expect("open the database");
+        db.query_row(
+            "SELECT count(*) FROM plugins WHERE artifact IS NOT NULL AND artifact_key IS NOT NULL",
+            [],
+            |row| row.get::<_, i64>(0),
+        )
+        .expect("query plugins")
+    };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while precompiled() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the optimised artifact was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let world = world.restarted().await;
     world.publish("a.b", json!({"kept": true})).await;
     let got = world.wait_for(1, PATIENCE).await;
     assert_eq!(got[0].json(), json!({"kept": true}));
+}
+
+/// An upload runs on Winch code until Cranelift's is ready: both tiers
+/// must enforce the same sandbox and give the same answers.
+#[tokio::test]
+async fn both_compiler_tiers_run_plugins_within_the_sandbox() {
+    use wasmhook::plugin::{Decision, PluginEvent, PluginHost, PluginLimits};
+
+    let limits = PluginLimits {
+        deadline: Duration::from_millis(500),
+        ..PluginLimits::default()
+    };
+    let event = PluginEvent {
+        id: "msg_tiers".into(),
+        event_type: "invoice.paid".into(),
+        app_id: "app_tiers".into(),
+        app_uid: None,
+        webhook_id: "wh_tiers".into(),
+        attempt: 1,
+        timestamp: "2026-11-29T10:00:00.000Z".into(),
+        payload: r#"{"amount":4200}"#.into(),
+    };
+    let (passthrough, hostile) = (plugin_wasm("passthrough"), plugin_wasm("hostile"));
+    let host = PluginHost::new(limits, 2).expect("plugin host");
+    for optimized in [false, true] {
+        let ready = |wasm: &[u8], name: &str| {
+            if optimized {
+                host.compile(wasm, name).expect("compiles").ready
+            } else {
+                host.compile_quick(wasm, name).expect("compiles")
+            }
+        };
+        let (plain, runaway) = (ready(&passthrough, "p"), ready(&hostile, "h"));
+        assert_eq!(plain.is_optimized(), optimized);
+        assert_eq!(host.cached("p").expect("cached").is_optimized(), optimized);
+
+        let done = host.run(&plain, event.clone(), "{}".into()).await;
+        match done.result {
+            Ok(Decision::Deliver(d)) => assert_eq!(d.body, event.payload.as_bytes()),
+            other => panic!("tier optimized={optimized}: {other:?}"),
+        }
+        for (mode, kind) in [
+            ("loop", "timeout"),
+            ("alloc", "memory_limit"),
+            ("recurse", "stack_overflow"),
+            ("trap", "trap"),
+        ] {
+            let config = json!({ "mode": mode }).to_string();
+            let done = host.run(&runaway, event.clone(), config).await;
+            let error = done.result.expect_err(mode);
+            assert_eq!(error.kind(), kind, "{mode}, optimized={optimized}: {error}");
+        }
+    }
 }

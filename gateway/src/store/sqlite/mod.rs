@@ -382,8 +382,8 @@ impl Store {
                     created_at: now_ms(),
                 };
                 c.prepare_cached(
-                    "INSERT INTO plugins (id, name, version, sha256, size, wasm, artifact, artifact_key, created_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO plugins (id, name, version, sha256, size, wasm, created_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
                 )?
                 .execute(params![
                     plugin.id,
@@ -392,8 +392,6 @@ impl Store {
                     plugin.sha256,
                     plugin.size,
                     new.wasm,
-                    new.artifact,
-                    new.artifact_key,
                     plugin.created_at
                 ])?;
                 Ok((plugin, true))
@@ -446,8 +444,8 @@ impl Store {
             .await
     }
 
-    /// Replaces a plugin's artifact (after a host of another version
-    /// compiled it again).
+    /// Stores a plugin's optimised artifact (after its upload, or after a
+    /// host of another version compiled it again).
     pub async fn set_plugin_artifact(
         &self,
         sha256: &str,

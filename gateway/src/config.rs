@@ -13,10 +13,13 @@ use crate::url_safety::UrlPolicy;
 
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
-    /// Database to use: `sqlite://path` (created when missing).
+    /// Database to use: `sqlite://path` (created when missing), or
+    /// `postgres://user:password@host:port/database` to share one queue
+    /// between several gateway processes.
     #[arg(
         long,
         env = "WASMHOOK_DATABASE_URL",
+        hide_env_values = true,
         default_value = "sqlite://wasmhook.db"
     )]
     pub database_url: String,
@@ -62,6 +65,15 @@ pub struct Settings {
     /// Deliveries sent at once by this process.
     #[arg(long, env = "WASMHOOK_WORKER_CONCURRENCY", default_value_t = 128)]
     pub worker_concurrency: usize,
+
+    /// Most deliveries claimed, or attempt results written, in one
+    /// transaction.
+    #[arg(long, env = "WASMHOOK_BATCH_SIZE", default_value_t = 256)]
+    pub batch_size: usize,
+
+    /// Connections to a PostgreSQL database, per process.
+    #[arg(long, env = "WASMHOOK_DATABASE_POOL_SIZE", default_value_t = 8)]
+    pub database_pool_size: u32,
 
     /// How long a claimed delivery stays with its worker before another
     /// may take it over; must exceed the request timeout.
@@ -157,6 +169,12 @@ impl Settings {
                 "--lease ({:?}) must be longer than --request-timeout ({:?}), or a slow receiver would get the same delivery twice",
                 self.lease, self.request_timeout
             ));
+        }
+        if self.batch_size == 0 {
+            return Err("--batch-size must be at least 1".into());
+        }
+        if self.database_pool_size == 0 {
+            return Err("--database-pool-size must be at least 1".into());
         }
         if self.worker_concurrency == 0 {
             return Err("--worker-concurrency must be at least 1".into());

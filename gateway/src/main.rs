@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use wasmhook::config::Settings;
 use wasmhook::server::Gateway;
-use wasmhook::store::Store;
+use wasmhook::store::{Store, redacted_url};
 
 #[derive(Parser)]
 #[command(name = "wasmhook", version, about = "Self-hosted webhook gateway")]
@@ -27,6 +27,7 @@ enum Command {
         #[arg(
             long,
             env = "WASMHOOK_DATABASE_URL",
+            hide_env_values = true,
             default_value = "sqlite://wasmhook.db"
         )]
         database_url: String,
@@ -47,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
             Store::migrate(&database_url)
                 .await
                 .context("migration failed")?;
-            println!("migrations applied to {database_url}");
+            println!("migrations applied to {}", redacted_url(&database_url));
             Ok(())
         }
     }

@@ -14,7 +14,7 @@ use crate::api::{self, AppState, Limits, token_hash};
 use crate::config::{Role, Settings};
 use crate::delivery::{RetryPolicy, Sender, Worker, WorkerConfig};
 use crate::plugin::{PluginError, PluginHost, Plugins};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreOptions, redacted_url};
 
 const ADMIN_TOKEN_HASH_KEY: &str = "admin_token_sha256";
 
@@ -47,7 +47,15 @@ pub struct Gateway {
 impl Gateway {
     pub async fn build(settings: &Settings) -> Result<Self, StartError> {
         settings.validate().map_err(StartError::Config)?;
-        let store = Store::open(&settings.database_url).await?;
+        let options = StoreOptions {
+            pool_size: settings.database_pool_size,
+        };
+        let store = Store::open(&settings.database_url, &options).await?;
+        tracing::info!(
+            backend = store.backend(),
+            database = %redacted_url(&settings.database_url),
+            "store open"
+        );
         let (admin_token_hash, generated_admin_token) = admin_token(&store, settings).await?;
         let listener = TcpListener::bind(settings.listen)
             .await
@@ -77,6 +85,7 @@ impl Gateway {
         let retry = RetryPolicy::new(settings.retry_schedule.clone(), settings.disable_after);
         let worker_config = WorkerConfig {
             concurrency: settings.worker_concurrency,
+            batch_size: settings.batch_size,
             lease: settings.lease,
             poll_interval: settings.poll_interval,
             shutdown_grace: settings.shutdown_grace,

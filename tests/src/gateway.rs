@@ -1,5 +1,7 @@
-//! Spawns the real `wasmhook` binary: a fresh SQLite file in a temporary
-//! directory, a random port, and the admin token set by the test.
+//! Spawns the real `wasmhook` binary: a fresh database (a SQLite file in a
+//! temporary directory, or a new PostgreSQL database on the server that
+//! `WASMHOOK_TEST_POSTGRES_URL` names), a random port, and the admin token
+//! set by the test.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -79,9 +81,82 @@ impl GatewayBuilder {
     }
 
     pub async fn spawn(self) -> TestGateway {
-        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
-        TestGateway::start(self, dir).await
+        let workspace = Arc::new(Workspace::fresh().await);
+        TestGateway::start(self, workspace).await
     }
+}
+
+/// The environment variable naming a PostgreSQL server (any database on
+/// it, as a user who may create databases) to run the tests against.
+pub const TEST_POSTGRES_URL: &str = "WASMHOOK_TEST_POSTGRES_URL";
+
+/// A test's files (the gateway log, a SQLite database) and its database.
+pub struct Workspace {
+    dir: TempDir,
+    pub database_url: String,
+}
+
+impl Workspace {
+    pub async fn fresh() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let database_url = match std::env::var(TEST_POSTGRES_URL) {
+            Ok(server) if !server.is_empty() => fresh_postgres_database(&server).await,
+            _ => format!("sqlite://{}", dir.path().join("wasmhook.db").display()),
+        };
+        Self { dir, database_url }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.database_url.starts_with("postgres")
+    }
+
+    /// Runs a `SELECT count(*) …` on the database, behind the gateway's
+    /// back (for what the API does not show, such as stored secrets).
+    pub async fn count(&self, sql: &str) -> i64 {
+        if self.is_postgres() {
+            use sqlx::Connection;
+            let mut db = sqlx::PgConnection::connect(&self.database_url)
+                .await
+                .expect("connect to the test database");
+            sqlx::query_scalar(sql)
+                .fetch_one(&mut db)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        } else {
+            let path = self.dir.path().join("wasmhook.db");
+            let db = rusqlite::Connection::open(path).expect("open the database");
+            db.query_row(sql, [], |row| row.get(0))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        }
+    }
+}
+
+/// Creates a database of its own for one test on the server.
+async fn fresh_postgres_database(server: &str) -> String {
+    use sqlx::{Connection, Executor};
+    let name = format!("wasmhook_t_{}", ulid_like());
+    let mut admin = sqlx::PgConnection::connect(server)
+        .await
+        .unwrap_or_else(|e| panic!("{TEST_POSTGRES_URL}={server}: {e}"));
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create a test database");
+    let mut url = reqwest::Url::parse(server).expect("a PostgreSQL URL");
+    url.set_path(&format!("/{name}"));
+    url.to_string()
+}
+
+/// A unique, lower-case database name suffix: time, process and a counter.
+fn ulid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{nanos:x}_{}_{n}", std::process::id())
 }
 
 pub async fn spawn_app() -> TestGateway {
@@ -97,12 +172,12 @@ pub struct TestGateway {
     pub token: String,
     child: Child,
     builder: GatewayBuilder,
-    dir: Arc<TempDir>,
+    pub workspace: Arc<Workspace>,
 }
 
 impl TestGateway {
-    async fn start(builder: GatewayBuilder, dir: Arc<TempDir>) -> Self {
-        let db = dir.path().join("wasmhook.db");
+    async fn start(builder: GatewayBuilder, workspace: Arc<Workspace>) -> Self {
+        let dir = &workspace.dir;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -113,10 +188,7 @@ impl TestGateway {
             .arg("serve")
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env(
-                "WASMHOOK_DATABASE_URL",
-                format!("sqlite://{}", db.display()),
-            )
+            .env("WASMHOOK_DATABASE_URL", &workspace.database_url)
             .env("WASMHOOK_LISTEN", "127.0.0.1:0")
             .envs(builder.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
@@ -158,16 +230,17 @@ impl TestGateway {
             token,
             child,
             builder,
-            dir,
+            workspace,
         }
     }
 
-    pub fn database_path(&self) -> PathBuf {
-        self.dir.path().join("wasmhook.db")
+    /// The SQLite file, when the test runs on SQLite.
+    pub fn database_file(&self) -> Option<PathBuf> {
+        (!self.workspace.is_postgres()).then(|| self.workspace.dir.path().join("wasmhook.db"))
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+        std::fs::read_to_string(self.workspace.dir.path().join("gateway.log")).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {
@@ -205,7 +278,16 @@ impl TestGateway {
     ) -> TestGateway {
         let mut old = self;
         let _ = old.child.kill().await;
-        TestGateway::start(change(old.builder.clone()), old.dir.clone()).await
+        TestGateway::start(change(old.builder.clone()), old.workspace.clone()).await
+    }
+
+    /// One more process on the same database (e.g. `WASMHOOK_ROLE=worker`
+    /// beside an API process), with changed settings.
+    pub async fn another(
+        &self,
+        change: impl FnOnce(GatewayBuilder) -> GatewayBuilder,
+    ) -> TestGateway {
+        TestGateway::start(change(self.builder.clone()), self.workspace.clone()).await
     }
 
     /// A request with the admin token.

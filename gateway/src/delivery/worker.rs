@@ -20,12 +20,11 @@ use crate::plugin::{Decision, Delivered, Plugins};
 use crate::store::{AttemptRecord, ClaimedDelivery, Millis, Store, now_ms};
 use crate::url_safety::UrlPolicy;
 
-/// Most deliveries claimed, or results recorded, per transaction.
-const MAX_BATCH: usize = 256;
-
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub concurrency: usize,
+    /// Most deliveries claimed, or results recorded, per transaction.
+    pub batch_size: usize,
     pub lease: Duration,
     pub poll_interval: Duration,
     pub shutdown_grace: Duration,
@@ -51,14 +50,18 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let (results, recorder_rx) = mpsc::channel(this.config.concurrency * 2);
-        let recorder = tokio::spawn(record_loop(this.store.clone(), recorder_rx));
+        let recorder = tokio::spawn(record_loop(
+            this.store.clone(),
+            recorder_rx,
+            this.config.batch_size,
+        ));
         let slots = Arc::new(Semaphore::new(this.config.concurrency));
         let in_flight: InFlight = Arc::default();
         let mut tasks = JoinSet::new();
 
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
-            let free = slots.available_permits().min(MAX_BATCH);
+            let free = slots.available_permits().min(this.config.batch_size);
             if free == 0 {
                 tokio::select! {
                     _ = tasks.join_next() => {}
@@ -194,10 +197,10 @@ async fn self_drain(
 /// results are the only record of attempts that already happened. If the
 /// database stays away, the deliveries stay claimed and are sent again when
 /// their lease ends (at-least-once).
-async fn record_loop(store: Store, mut results: mpsc::Receiver<AttemptRecord>) {
+async fn record_loop(store: Store, mut results: mpsc::Receiver<AttemptRecord>, batch_size: usize) {
     const TRIES: u32 = 8;
-    let mut received = Vec::with_capacity(MAX_BATCH);
-    while results.recv_many(&mut received, MAX_BATCH).await > 0 {
+    let mut received = Vec::with_capacity(batch_size);
+    while results.recv_many(&mut received, batch_size).await > 0 {
         let batch = Arc::new(std::mem::take(&mut received));
         let mut backoff = Duration::from_millis(50);
         for tried in 1..=TRIES {

@@ -362,9 +362,17 @@ async fn a_generated_admin_token_is_printed_once_and_works() {
         .call(gateway.request_as(&token, Method::GET, "/v1/apps"))
         .await;
     assert_eq!(status, StatusCode::OK);
+    let in_clear = format!("SELECT count(*) FROM settings WHERE value LIKE '%{token}%'");
+    assert_eq!(
+        gateway.workspace.count(&in_clear).await,
+        0,
+        "token stored in clear"
+    );
     for suffix in ["", "-wal"] {
-        let path = format!("{}{suffix}", gateway.database_path().display());
-        let stored = std::fs::read(path).unwrap_or_default();
+        let Some(file) = gateway.database_file() else {
+            break;
+        };
+        let stored = std::fs::read(format!("{}{suffix}", file.display())).unwrap_or_default();
         assert!(
             !String::from_utf8_lossy(&stored).contains(&token),
             "token stored in clear"

@@ -7,6 +7,7 @@ mod delivery;
 mod plugins;
 mod restart;
 mod retries;
+mod scale_out;
 mod url_safety;
 
 use std::collections::HashMap;

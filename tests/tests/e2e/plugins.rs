@@ -376,18 +376,10 @@ async fn plugins_keep_working_after_a_restart() {
     world.webhook("/p", json!({"plugin": {"id": plugin}})).await;
     // The upload answered after the quick compile; the optimised artifact
     // is stored in the background, and a restart loads it.
-    let db = world.gateway.database_path();
-    let precompiled = || {
-        let db = rusqlite::Connection::open(&db).expect("open the database");
-        db.query_row(
-            "SELECT count(*) FROM plugins WHERE artifact IS NOT NULL AND artifact_key IS NOT NULL",
-            [],
-            |row| row.get::<_, i64>(0),
-        )
-        .expect("query plugins")
-    };
+    let precompiled =
+        "SELECT count(*) FROM plugins WHERE artifact IS NOT NULL AND artifact_key IS NOT NULL";
     let deadline = std::time::Instant::now() + PATIENCE;
-    while precompiled() != 1 {
+    while world.gateway.workspace.count(precompiled).await != 1 {
         assert!(
             std::time::Instant::now() < deadline,
             "the optimised artifact was never stored"

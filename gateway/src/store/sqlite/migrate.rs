@@ -4,7 +4,7 @@
 
 use rusqlite::Connection;
 
-use crate::store::{StoreError, StoreResult};
+use crate::store::{StoreResult, check_schema_version};
 
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../../migrations/sqlite/0001_init.sql"),
@@ -13,13 +13,7 @@ const MIGRATIONS: &[&str] = &[
 
 pub fn run(connection: &mut Connection) -> StoreResult<()> {
     let applied: i64 = connection.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let applied = usize::try_from(applied).unwrap_or(usize::MAX);
-    if applied > MIGRATIONS.len() {
-        return Err(StoreError::Open(format!(
-            "the database has schema version {applied}, newer than this wasmhook knows ({}); upgrade wasmhook",
-            MIGRATIONS.len()
-        )));
-    }
+    let applied = check_schema_version(applied, MIGRATIONS.len())?;
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
         let transaction = connection.transaction()?;
         transaction.execute_batch(sql)?;

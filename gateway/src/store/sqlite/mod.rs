@@ -20,18 +20,18 @@ const DELIVERY_COLUMNS: &str = "id, app_id, event_id, webhook_id, status, attemp
 const PLUGIN_COLUMNS: &str = "id, name, version, sha256, size, created_at";
 
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     writer: Writer,
     readers: Readers,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Store(sqlite)")
     }
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the database and applies migrations.
     pub async fn open(database_url: &str) -> StoreResult<Self> {
         let path = connection::path_of(database_url)?;
@@ -902,14 +902,7 @@ fn webhook_row(r: &Row<'_>) -> rusqlite::Result<Webhook> {
         previous_secret_expires_at: r.get(11)?,
         created_at: r.get(12)?,
         updated_at: r.get(13)?,
-        plugin: attached(r.get(14)?, r.get(15)?),
-    })
-}
-
-fn attached(id: Option<String>, config: Option<String>) -> Option<AttachedPlugin> {
-    id.map(|id| AttachedPlugin {
-        id,
-        config: config.unwrap_or_else(|| "null".into()),
+        plugin: AttachedPlugin::from_columns(r.get(14)?, r.get(15)?),
     })
 }
 
@@ -986,7 +979,8 @@ fn claimed_row(r: &Row<'_>) -> rusqlite::Result<ClaimedDelivery> {
         previous_secret_expires_at: r.get(15)?,
         app_id: r.get(16)?,
         app_uid: r.get(17)?,
-        plugin: attached(r.get(18)?, r.get(19)?).zip(r.get::<_, Option<String>>(20)?),
+        plugin: AttachedPlugin::from_columns(r.get(18)?, r.get(19)?)
+            .zip(r.get::<_, Option<String>>(20)?),
     })
 }
 
@@ -1016,10 +1010,10 @@ fn unique_conflict(error: rusqlite::Error, message: &str) -> StoreError {
 mod tests {
     use super::*;
 
-    async fn store() -> (Store, tempfile::TempDir) {
+    async fn store() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("test.db").display());
-        (Store::open(&url).await.unwrap(), dir)
+        (SqliteStore::open(&url).await.unwrap(), dir)
     }
 
     /// The claim must walk the partial index in due order, not scan the
@@ -1086,10 +1080,10 @@ mod tests {
     async fn reopening_keeps_data_and_schema() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("test.db").display());
-        let store = Store::open(&url).await.unwrap();
+        let store = SqliteStore::open(&url).await.unwrap();
         store.create_app("kept", Some("kept")).await.unwrap();
         store.close().await;
-        let store = Store::open(&url).await.unwrap();
+        let store = SqliteStore::open(&url).await.unwrap();
         assert!(store.find_app("kept").await.unwrap().is_some());
     }
 }

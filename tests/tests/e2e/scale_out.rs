@@ -1,0 +1,218 @@
+//! Several gateway processes on one PostgreSQL queue: an API-only process
+//! and two worker-only processes deliver every event to every webhook, none
+//! twice; a worker killed mid-run loses nothing, and only deliveries that
+//! were in flight when it died may arrive twice.
+//!
+//! Ignored in the SQLite run; `scripts/test` runs them against PostgreSQL.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+use wasmhook_tests::{GatewayBuilder, Reply, TEST_POSTGRES_URL, TestGateway};
+
+use crate::World;
+
+const EVENTS: usize = 5_000;
+const WEBHOOKS: usize = 5;
+const PUBLISHERS: usize = 16;
+const PATIENCE: Duration = Duration::from_secs(240);
+
+/// One API process (the world's gateway) and two worker processes.
+struct Cluster {
+    world: World,
+    workers: Vec<TestGateway>,
+    /// Receiver path → webhook id.
+    webhooks: BTreeMap<String, String>,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        assert!(
+            std::env::var(TEST_POSTGRES_URL).is_ok_and(|url| !url.is_empty()),
+            "scale-out tests need PostgreSQL: set {TEST_POSTGRES_URL} or run scripts/test"
+        );
+        // The lease is long enough that only a dead worker's claims are
+        // taken over, even on a loaded machine.
+        let builder = GatewayBuilder::default()
+            .env("WASMHOOK_LEASE", "10s")
+            .env("WASMHOOK_REQUEST_TIMEOUT", "2s")
+            .env("WASMHOOK_LOG", "info");
+        let api = builder.env("WASMHOOK_ROLE", "api").spawn().await;
+        let world = World::with(api).await;
+        let mut webhooks = BTreeMap::new();
+        for n in 0..WEBHOOKS {
+            let path = format!("/w{n}");
+            let (id, _) = world.webhook(&path, json!({})).await;
+            webhooks.insert(path, id);
+        }
+        // A little latency, so deliveries are in flight at any moment.
+        world
+            .receiver
+            .always(Reply::status(200).delay(Duration::from_millis(5)));
+        let mut workers = Vec::new();
+        for _ in 0..2 {
+            let worker = world
+                .gateway
+                .another(|b| b.env("WASMHOOK_ROLE", "worker"))
+                .await;
+            workers.push(worker);
+        }
+        Self {
+            world,
+            workers,
+            webhooks,
+        }
+    }
+
+    /// Publishes `EVENTS` events through the API process in the
+    /// background; the task returns their ids.
+    fn start_publishing(&self) -> tokio::task::JoinHandle<BTreeSet<String>> {
+        let gateway = &self.world.gateway;
+        let url = format!("{}{}", gateway.base_url, self.world.path("/events"));
+        let mut publishers = Vec::new();
+        for p in 0..PUBLISHERS {
+            let (client, url, token) = (gateway.client.clone(), url.clone(), gateway.token.clone());
+            publishers.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for n in (p..EVENTS).step_by(PUBLISHERS) {
+                    let body = json!({"event_type": "order.created", "payload": {"n": n}});
+                    let response = client
+                        .post(&url)
+                        .bearer_auth(&token)
+                        .json(&body)
+                        .send()
+                        .await
+                        .expect("the API process answers");
+                    assert_eq!(response.status(), StatusCode::ACCEPTED);
+                    let accepted: serde_json::Value = response.json().await.expect("JSON");
+                    ids.push(accepted["id"].as_str().expect("event id").to_owned());
+                }
+                ids
+            }));
+        }
+        tokio::spawn(async move {
+            let mut ids = BTreeSet::new();
+            for publisher in publishers {
+                ids.extend(publisher.await.expect("publisher"));
+            }
+            assert_eq!(ids.len(), EVENTS);
+            ids
+        })
+    }
+
+    /// Waits for every (event, webhook) pair (repeats do not count),
+    /// checking every signature; returns how often each pair arrived.
+    async fn wait_for_all(&self, events: &BTreeSet<String>) -> BTreeMap<(String, String), usize> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let received = self.world.receiver.received();
+            let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
+            for request in &received {
+                let id = request.header("webhook-id").expect("webhook-id").to_owned();
+                *seen.entry((id, request.path.clone())).or_default() += 1;
+            }
+            let missing = events
+                .iter()
+                .flat_map(|event| {
+                    self.webhooks
+                        .keys()
+                        .map(move |path| (event.clone(), path.clone()))
+                })
+                .find(|pair| !seen.contains_key(pair));
+            let Some(missing) = missing else {
+                self.world.wait_for(received.len(), PATIENCE).await;
+                return seen;
+            };
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{missing:?} never arrived ({} of {} pairs did)",
+                seen.len(),
+                EVENTS * WEBHOOKS
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn twice(seen: &BTreeMap<(String, String), usize>) -> Vec<(String, String)> {
+    seen.iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(pair, _)| pair.clone())
+        .collect()
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL; scripts/test runs it"]
+async fn two_workers_deliver_everything_once() {
+    let cluster = Cluster::start().await;
+    let events = cluster.start_publishing().await.expect("publishing");
+    let seen = cluster.wait_for_all(&events).await;
+    assert_eq!(twice(&seen), Vec::<(String, String)>::new(), "sent twice");
+    // Nothing late either.
+    cluster
+        .world
+        .receiver
+        .expect_no_more(EVENTS * WEBHOOKS, Duration::from_millis(500))
+        .await;
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL; scripts/test runs it"]
+async fn a_killed_worker_loses_nothing_and_repeats_only_its_in_flight() {
+    let mut cluster = Cluster::start().await;
+    let publishing = cluster.start_publishing();
+    // Kill one worker in the middle of the run.
+    let receiver = &cluster.world.receiver;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while receiver.count() < EVENTS * WEBHOOKS / 4 {
+        assert!(tokio::time::Instant::now() < deadline, "deliveries stalled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cluster.workers[0].kill().await;
+    // What was in flight (in either process) when it died: its claims
+    // stay `sending` until their lease ends, well after this snapshot.
+    let in_flight = in_flight_pairs(&cluster).await;
+    assert!(!in_flight.is_empty(), "nothing was in flight at the kill");
+    assert!(
+        receiver.count() < EVENTS * WEBHOOKS,
+        "the run ended before the kill"
+    );
+
+    let events = publishing.await.expect("publishing");
+    let seen = cluster.wait_for_all(&events).await;
+    let repeated = twice(&seen);
+    for pair in &repeated {
+        assert!(
+            in_flight.contains(pair),
+            "{pair:?} arrived twice but was not in flight at the kill"
+        );
+        assert_eq!(seen[pair], 2, "{pair:?} arrived more than twice");
+    }
+    println!(
+        "killed a worker with {} deliveries in flight; {} arrived twice",
+        in_flight.len(),
+        repeated.len()
+    );
+}
+
+/// (event id, receiver path) of every delivery claimed and not yet done.
+async fn in_flight_pairs(cluster: &Cluster) -> BTreeSet<(String, String)> {
+    use sqlx::Connection;
+    let url = &cluster.world.gateway.workspace.database_url;
+    let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT event_id, webhook_id FROM deliveries WHERE status = 'sending'")
+            .fetch_all(&mut db)
+            .await
+            .expect("query deliveries");
+    let path_of: BTreeMap<&String, &String> = cluster
+        .webhooks
+        .iter()
+        .map(|(path, id)| (id, path))
+        .collect();
+    rows.into_iter()
+        .map(|(event, webhook)| (event, path_of[&webhook].clone()))
+        .collect()
+}

@@ -110,6 +110,11 @@ impl Workspace {
         self.database_url.starts_with("postgres")
     }
 
+    /// The SQLite file (meaningful when not on PostgreSQL).
+    pub fn sqlite_file(&self) -> PathBuf {
+        self.dir.path().join("wasmhook.db")
+    }
+
     /// Runs a `SELECT count(*) …` on the database, behind the gateway's
     /// back (for what the API does not show, such as stored secrets).
     pub async fn count(&self, sql: &str) -> i64 {
@@ -123,8 +128,7 @@ impl Workspace {
                 .await
                 .unwrap_or_else(|e| panic!("{sql}: {e}"))
         } else {
-            let path = self.dir.path().join("wasmhook.db");
-            let db = rusqlite::Connection::open(path).expect("open the database");
+            let db = rusqlite::Connection::open(self.sqlite_file()).expect("open the database");
             db.query_row(sql, [], |row| row.get(0))
                 .unwrap_or_else(|e| panic!("{sql}: {e}"))
         }
@@ -236,7 +240,7 @@ impl TestGateway {
 
     /// The SQLite file, when the test runs on SQLite.
     pub fn database_file(&self) -> Option<PathBuf> {
-        (!self.workspace.is_postgres()).then(|| self.workspace.dir.path().join("wasmhook.db"))
+        (!self.workspace.is_postgres()).then(|| self.workspace.sqlite_file())
     }
 
     pub fn log(&self) -> String {

@@ -6,7 +6,9 @@
 mod gateway;
 mod receiver;
 
-pub use gateway::{GatewayBuilder, TEST_POSTGRES_URL, TestGateway, gateway_binary, spawn_app};
+pub use gateway::{
+    GatewayBuilder, TEST_POSTGRES_URL, TestGateway, Workspace, gateway_binary, spawn_app,
+};
 pub use receiver::{Received, Receiver, Reply};
 
 /// A plugin component built by `scripts/test` for wasm32-wasip2: one of

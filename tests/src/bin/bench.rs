@@ -6,6 +6,10 @@
 //! `--backlog` publishes everything to an API-only process first, then
 //! starts a full gateway on the same database and measures how it drains
 //! the backlog (and how much memory that takes).
+//!
+//! With `WASMHOOK_TEST_POSTGRES_URL` set, it runs on a fresh PostgreSQL
+//! database on that server; `--workers N` then runs one API-only process
+//! and N worker-only processes sharing the queue.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +46,10 @@ struct Args {
     /// `cloudevents`) to every webhook; scripts/test builds them.
     #[arg(long)]
     plugin: Option<String>,
+    /// Worker-only processes beside one API-only process (0: one process
+    /// does both). Needs PostgreSQL (`WASMHOOK_TEST_POSTGRES_URL`).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
     /// Extra gateway settings, as KEY=VALUE (repeatable).
     #[arg(long = "gateway-env", value_parser = parse_key_value)]
     gateway_env: Vec<(String, String)>,
@@ -72,10 +80,13 @@ async fn main() -> anyhow::Result<()> {
     for (key, value) in &args.gateway_env {
         builder = builder.env(key, value);
     }
-    if args.backlog {
+    if args.backlog || args.workers > 0 {
         builder = builder.env("WASMHOOK_ROLE", "api");
     }
     let gateway = builder.spawn().await;
+    if args.workers > 0 && !gateway.workspace.is_postgres() {
+        bail!("--workers needs PostgreSQL: set WASMHOOK_TEST_POSTGRES_URL");
+    }
     let app = gateway.create_app("bench").await;
     let plugin = match &args.plugin {
         Some(name) => json!({ "id": gateway.plugin(name).await }),
@@ -104,13 +115,34 @@ async fn main() -> anyhow::Result<()> {
     if let Some(name) = &args.plugin {
         println!("plugin `{name}` attached to every webhook");
     }
+    println!(
+        "database: {}{}",
+        if gateway.workspace.is_postgres() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        },
+        if args.workers > 0 {
+            format!(", 1 API process + {} worker processes", args.workers)
+        } else {
+            String::new()
+        }
+    );
+    let mut workers = Vec::new();
+    if !args.backlog {
+        workers = start_workers(&gateway, args.workers).await;
+    }
 
     let first_publish = Instant::now();
     let published = publish_all(&gateway, &app, &args).await?;
     let publish_elapsed = first_publish.elapsed();
     report_publishing(&published, publish_elapsed);
 
-    let (gateway, drain_start) = if args.backlog {
+    let (gateway, drain_start) = if args.backlog && args.workers > 0 {
+        let start = Instant::now();
+        workers = start_workers(&gateway, args.workers).await;
+        (gateway, start)
+    } else if args.backlog {
         let mut gateway = gateway;
         gateway.terminate().await;
         let gateway = gateway
@@ -142,13 +174,25 @@ async fn main() -> anyhow::Result<()> {
         report_receipt_latency(&receiver, &published);
     }
     report_duplicates(&receiver, expected);
-    let (peak, last) = memory(gateway.pid());
-    println!(
-        "gateway peak RSS           {:>10.1} MiB (at the end {:.1} MiB)",
-        mib(peak),
-        mib(last)
-    );
+    for (label, process) in
+        std::iter::once(("gateway", &gateway)).chain(workers.iter().map(|w| ("worker", w)))
+    {
+        let (peak, last) = memory(process.pid());
+        println!(
+            "{label:<7} peak RSS           {:>10.1} MiB (at the end {:.1} MiB)",
+            mib(peak),
+            mib(last)
+        );
+    }
     Ok(())
+}
+
+async fn start_workers(gateway: &TestGateway, n: usize) -> Vec<TestGateway> {
+    let mut workers = Vec::with_capacity(n);
+    for _ in 0..n {
+        workers.push(gateway.another(|b| b.env("WASMHOOK_ROLE", "worker")).await);
+    }
+    workers
 }
 
 /// A payload of about `bytes` bytes that looks like a real event.

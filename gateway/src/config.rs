@@ -72,7 +72,7 @@ pub struct Settings {
     pub batch_size: usize,
 
     /// Connections to a PostgreSQL database, per process.
-    #[arg(long, env = "WASMHOOK_DATABASE_POOL_SIZE", default_value_t = 8)]
+    #[arg(long, env = "WASMHOOK_DATABASE_POOL_SIZE", default_value_t = 16)]
     pub database_pool_size: u32,
 
     /// How long a claimed delivery stays with its worker before another

@@ -35,7 +35,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { pool_size: 8 }
+        Self { pool_size: 16 }
     }
 }
 

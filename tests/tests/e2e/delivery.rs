@@ -175,6 +175,41 @@ async fn repeated_idempotency_keys_and_event_ids_queue_nothing_new() {
     assert_eq!(ids.len(), 3);
 }
 
+/// Publishers retrying at once (several gateway processes on PostgreSQL
+/// see this) still get one event and one delivery per webhook.
+#[tokio::test]
+async fn concurrent_repeats_of_a_key_queue_one_event() {
+    let world = World::new().await;
+    world.webhook("/race", json!({})).await;
+    let mut publishes = Vec::new();
+    for n in 0..8 {
+        let request = world
+            .gateway
+            .request(reqwest::Method::POST, &world.path("/events"))
+            .header("Idempotency-Key", "race-1")
+            .json(&json!({"event_type": "order.created", "payload": {"n": n}}));
+        publishes.push(tokio::spawn(request.send()));
+    }
+    let mut ids = BTreeSet::new();
+    for publish in publishes {
+        let response = publish.await.unwrap().expect("gateway answers");
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(
+            body["deliveries"].as_array().map(Vec::len),
+            Some(1),
+            "{body}"
+        );
+        ids.insert(body["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), 1, "one key, several events: {ids:?}");
+    world.wait_for(1, PATIENCE).await;
+    world
+        .receiver
+        .expect_no_more(1, std::time::Duration::from_millis(300))
+        .await;
+}
+
 #[tokio::test]
 async fn rotation_signs_with_both_secrets_during_the_overlap() {
     let world = World::new().await;

@@ -84,6 +84,11 @@ impl GatewayBuilder {
         let workspace = Arc::new(Workspace::fresh().await);
         TestGateway::start(self, workspace).await
     }
+
+    /// Starts on a workspace prepared beforehand (e.g. migrated).
+    pub async fn spawn_in(self, workspace: Arc<Workspace>) -> TestGateway {
+        TestGateway::start(self, workspace).await
+    }
 }
 
 /// The environment variable naming a PostgreSQL server (any database on

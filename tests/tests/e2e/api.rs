@@ -389,3 +389,50 @@ async fn a_generated_admin_token_is_printed_once_and_works() {
         .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// `wasmhook migrate` prepares a fresh database (SQLite or PostgreSQL),
+/// may run again, never prints a password, and names a bad URL.
+#[tokio::test]
+async fn migrate_prepares_the_database_and_may_run_again() {
+    let workspace = std::sync::Arc::new(wasmhook_tests::Workspace::fresh().await);
+    let migrate = |url: &str| {
+        std::process::Command::new(wasmhook_tests::gateway_binary())
+            .arg("migrate")
+            .env_clear()
+            .env("WASMHOOK_DATABASE_URL", url)
+            .output()
+            .expect("run wasmhook migrate")
+    };
+    let password = reqwest::Url::parse(&workspace.database_url)
+        .ok()
+        .and_then(|url| url.password().map(str::to_owned));
+    for _ in 0..2 {
+        let out = migrate(&workspace.database_url);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("migrations applied"), "{stdout}");
+        if let Some(password) = &password {
+            assert!(
+                !stdout.contains(&format!(":{password}@")),
+                "password printed: {stdout}"
+            );
+        }
+    }
+    let tables = "SELECT count(*) FROM apps";
+    assert_eq!(workspace.count(tables).await, 0);
+
+    let gateway = GatewayBuilder::default().spawn_in(workspace).await;
+    gateway.create_app("after migrate").await;
+
+    let out = migrate("mysql://root@127.0.0.1/wasmhook");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unsupported database URL `mysql`"),
+        "{stderr}"
+    );
+}

@@ -183,6 +183,12 @@ async fn main() -> anyhow::Result<()> {
             mib(peak),
             mib(last)
         );
+        let cpu = cpu_time(process.pid());
+        println!(
+            "{label:<7} CPU time           {:>10.2} s ({:.0} µs per delivery)",
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / expected as f64
+        );
     }
     Ok(())
 }
@@ -344,6 +350,25 @@ async fn wait_for_receipts(receiver: &Receiver, expected: usize) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(())
+}
+
+/// CPU time (user + system) a process has used so far, from /proc: less
+/// noisy than a rate on a machine the load generator shares.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at 3.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Clock ticks are 1/100 s on Linux.
+    Duration::from_millis((ticks(14) + ticks(15)) * 10)
 }
 
 fn mib(bytes: u64) -> f64 {

@@ -2,7 +2,8 @@
 //! compile times, load-from-artifact
 //! (ready after restart) times, per-invocation latency of a pass-through
 //! and a JSON-rewriting plugin next to the same rewrite in native Rust,
-//! invocations per second over two threads, and how fast a runaway plugin
+//! invocations per second over two threads (and as the gateway runs them:
+//! many tasks on a two-thread runtime), and how fast a runaway plugin
 //! is stopped. Needs the plugins built by `scripts/test`.
 
 use std::sync::Arc;
@@ -211,6 +212,7 @@ fn main() {
         "JSON rewrite plugin, two threads",
         calls as f64 / args.seconds as f64
     );
+    many_tasks(&host, &plugin, &event, args.seconds);
 
     let hostile = plugin_wasm("hostile");
     let runaway = host.compile(&hostile, "hostile").expect("compiles").ready;
@@ -236,4 +238,41 @@ fn wasmhook_sdk_event(event: &PluginEvent) -> wasmhook_sdk::Event {
     native.id = event.id.clone();
     native.timestamp = event.timestamp.clone();
     native
+}
+
+/// As the gateway runs plugins: many concurrent tasks on a two-thread
+/// runtime, through the host's slot limit.
+fn many_tasks(host: &Arc<PluginHost>, plugin: &Ready, event: &PluginEvent, seconds: u64) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let calls: u64 = rt.block_on(async {
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let (host, plugin, event) = (host.clone(), plugin.clone(), event.clone());
+                tokio::spawn(async move {
+                    let mut calls = 0u64;
+                    while Instant::now() < deadline {
+                        let out = host.run(&plugin, event.clone(), "null".into()).await;
+                        std::hint::black_box(out);
+                        calls += 1;
+                    }
+                    calls
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for task in tasks {
+            total += task.await.expect("task");
+        }
+        total
+    });
+    println!(
+        "{:<44} {:>8.0} calls/s",
+        "JSON rewrite plugin, 64 tasks, 2-thread runtime",
+        calls as f64 / seconds as f64
+    );
 }

@@ -74,7 +74,15 @@ pub fn redacted_url(database_url: &str) -> String {
             let _ = url.set_password(Some("***"));
             url.to_string()
         }
-        _ => database_url.to_owned(),
+        Ok(_) => database_url.to_owned(),
+        // Unparsable: hide all of the user part rather than risk a password.
+        Err(_) => match (
+            database_url.split_once("://"),
+            database_url.rsplit_once('@'),
+        ) {
+            (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
+            _ => database_url.to_owned(),
+        },
     }
 }
 
@@ -502,6 +510,10 @@ mod tests {
             "postgres://hook:***@db:5432/wasmhook"
         );
         assert_eq!(redacted_url("sqlite://wasmhook.db"), "sqlite://wasmhook.db");
+        assert_eq!(
+            redacted_url("postgres://hook:p@ss word@db:99999/x"),
+            "postgres://***@db:99999/x"
+        );
     }
 
     #[test]

@@ -225,6 +225,13 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// A claim's fencing token. It names the claiming process (`clm_<pid>_…`)
+/// so an operator, or a test, can tell whose claims a `sending` delivery
+/// is held by when several processes share the queue.
+pub fn new_claim_token() -> String {
+    format!("clm_{}_{}", std::process::id(), ulid::Ulid::new())
+}
+
 /// A new, prefixed, time-ordered identifier (`app_01J…`).
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", ulid::Ulid::new())

@@ -628,7 +628,7 @@ impl PostgresStore {
         .bind(now)
         .bind(i64::from(limit))
         .bind(now + lease.as_millis() as Millis)
-        .bind(new_id("clm"))
+        .bind(new_claim_token())
         .fetch_all(&self.pool)
         .await?;
         map_rows(&rows, claimed_row)

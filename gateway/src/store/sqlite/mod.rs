@@ -603,7 +603,7 @@ impl SqliteStore {
         self.writer
             .write(move |c| {
                 let now = now_ms();
-                let token = new_id("clm");
+                let token = new_claim_token();
                 let ids: Vec<String> = collect(
                     c,
                     "UPDATE deliveries SET status = 'sending', due_at = ?, claim_token = ?, updated_at = ? \

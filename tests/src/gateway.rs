@@ -143,7 +143,7 @@ impl Workspace {
 /// Creates a database of its own for one test on the server.
 async fn fresh_postgres_database(server: &str) -> String {
     use sqlx::{Connection, Executor};
-    let name = format!("wasmhook_t_{}", ulid_like());
+    let name = format!("wasmhook_t_{}", unique_suffix());
     let mut admin = sqlx::PgConnection::connect(server)
         .await
         .unwrap_or_else(|e| panic!("{TEST_POSTGRES_URL}={server}: {e}"));
@@ -157,7 +157,7 @@ async fn fresh_postgres_database(server: &str) -> String {
 }
 
 /// A unique, lower-case database name suffix: time, process and a counter.
-fn ulid_like() -> String {
+fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()

@@ -652,16 +652,15 @@ impl PostgresStore {
             .filter(|r| r.webhook == WebhookEffect::Healthy)
             .map(|r| r.webhook_id.as_str())
             .collect();
-        sqlx::query(
-            "UPDATE webhooks SET failing_since = NULL WHERE id = ANY($1) AND failing_since IS NOT NULL",
-        )
-        .bind(&healthy)
-        .execute(&mut *tx)
-        .await?;
-        for record in current
-            .iter()
-            .filter(|r| !matches!(r.webhook, WebhookEffect::None | WebhookEffect::Healthy))
-        {
+        if !healthy.is_empty() {
+            sqlx::query(
+                "UPDATE webhooks SET failing_since = NULL WHERE id = ANY($1) AND failing_since IS NOT NULL",
+            )
+            .bind(&healthy)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for record in &current {
             apply_webhook_effect(&mut tx, &record.webhook_id, &record.webhook, record.now).await?;
         }
         tx.commit().await?;
@@ -911,15 +910,8 @@ async fn apply_webhook_effect(
     now: Millis,
 ) -> StoreResult<()> {
     match effect {
-        WebhookEffect::None => {}
-        WebhookEffect::Healthy => {
-            sqlx::query(
-                "UPDATE webhooks SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
-            )
-            .bind(webhook_id)
-            .execute(&mut *c)
-            .await?;
-        }
+        // Healthy webhooks are cleared for a whole batch at once.
+        WebhookEffect::None | WebhookEffect::Healthy => {}
         WebhookEffect::Failing {
             disable_if_failing_since,
         } => {

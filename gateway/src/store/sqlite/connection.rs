@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
@@ -23,6 +24,8 @@ const MAX_GROUP: usize = 512;
 /// Reader connections kept open between reads.
 const MAX_IDLE_READERS: usize = 8;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE: usize = 64;
 
 /// What a job hands back after running: called with the fate of the
 /// transaction it ran in, it answers the caller.
@@ -101,15 +104,21 @@ fn in_savepoint<T>(
     connection: &Connection,
     work: impl FnOnce(&Connection) -> StoreResult<T>,
 ) -> StoreResult<T> {
-    connection.execute_batch("SAVEPOINT job")?;
+    run(connection, "SAVEPOINT job")?;
     let result = work(connection);
-    let end = if result.is_ok() {
-        "RELEASE job"
-    } else {
-        "ROLLBACK TO job; RELEASE job"
-    };
-    connection.execute_batch(end)?;
+    if result.is_err() {
+        run(connection, "ROLLBACK TO job")?;
+    }
+    run(connection, "RELEASE job")?;
     result
+}
+
+/// Runs a statement without results from the statement cache: the writer
+/// runs its transaction-control statements thousands of times a second,
+/// and parsing them each time showed up in profiles.
+fn run(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
+    connection.prepare_cached(sql)?.execute([])?;
+    Ok(())
 }
 
 fn write_loop(connection: Connection, inbox: mpsc::Receiver<Message>) {
@@ -142,18 +151,16 @@ fn run_group(connection: &Connection, jobs: Vec<Job>) {
     if jobs.is_empty() {
         return;
     }
-    if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(error) = run(connection, "BEGIN IMMEDIATE") {
         // Without a transaction no job may run; dropping them unrun tells
         // each caller its write did not happen.
         tracing::error!(%error, jobs = jobs.len(), "cannot begin a write transaction");
         return;
     }
     let completions: Vec<Completion> = jobs.into_iter().map(|job| job(connection)).collect();
-    let committed = connection
-        .execute_batch("COMMIT")
-        .map_err(|e| e.to_string());
+    let committed = run(connection, "COMMIT").map_err(|e| e.to_string());
     if committed.is_err() {
-        let _ = connection.execute_batch("ROLLBACK");
+        let _ = run(connection, "ROLLBACK");
     }
     for complete in completions {
         complete(committed.as_ref().map(|_| ()).map_err(String::as_str));
@@ -217,6 +224,7 @@ impl Readers {
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let connection = Connection::open_with_flags(self.path.as_ref(), flags)?;
         connection.busy_timeout(BUSY_TIMEOUT)?;
+        tune(&connection)?;
         Ok(connection)
     }
 
@@ -239,11 +247,23 @@ pub fn open_writer(path: &Path) -> StoreResult<Connection> {
     let connection =
         Connection::open(path).map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
     connection.busy_timeout(BUSY_TIMEOUT)?;
+    tune(&connection)?;
     connection.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
          PRAGMA wal_autocheckpoint = 0;",
     )?;
     Ok(connection)
+}
+
+/// Settings every connection gets. The query-planner stability guarantee
+/// keeps cached statements prepared: without it SQLite re-prepares any
+/// statement whose bound values it compared against a partial index's
+/// condition (the claim and the subscribed-webhooks query among them), on
+/// every run. A cache large enough for every hot statement of the writer.
+fn tune(connection: &Connection) -> rusqlite::Result<()> {
+    connection.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(())
 }
 
 /// The file path of a `sqlite://path` (or `sqlite:path`) URL.

@@ -369,6 +369,21 @@ impl TestGateway {
         body["id"].as_str().unwrap().to_owned()
     }
 
+    /// Waits until every uploaded plugin's optimised code is stored (it is
+    /// compiled in the background after an upload answers), so what runs
+    /// next runs on that code.
+    pub async fn wait_for_optimised_plugins(&self, patience: Duration) {
+        let pending = "SELECT count(*) FROM plugins WHERE artifact IS NULL OR artifact_key IS NULL";
+        let deadline = std::time::Instant::now() + patience;
+        while self.workspace.count(pending).await != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "optimised plugin code was not stored within {patience:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Creates an app and returns its id.
     pub async fn create_app(&self, name: &str) -> String {
         let (status, body) = self.post("/v1/apps", json!({ "name": name })).await;

@@ -59,10 +59,10 @@ fn remove(payload: &mut Value, pointer: &str) {
             map.remove(&key);
         }
         Some(Value::Array(items)) => {
-            if let Ok(index) = key.parse::<usize>() {
-                if index < items.len() {
-                    items.remove(index);
-                }
+            if let Ok(index) = key.parse::<usize>()
+                && index < items.len()
+            {
+                items.remove(index);
             }
         }
         _ => {}

@@ -1,7 +1,8 @@
 //! Plugin host benchmark: upload-to-ready (Winch) and optimised (Cranelift)
 //! compile times, load-from-artifact
 //! (ready after restart) times, per-invocation latency of a pass-through
-//! and a JSON-rewriting plugin next to the same rewrite in native Rust,
+//! plugin, a JSON-rewriting one (`redact`: parse, change, print) next to
+//! the same rewrite in native Rust, and an envelope (`cloudevents`),
 //! invocations per second over two threads (and as the gateway runs them:
 //! many tasks on a two-thread runtime), and how fast a runaway plugin
 //! is stopped. Needs the plugins built by `scripts/test`.
@@ -51,6 +52,11 @@ fn event() -> PluginEvent {
         payload,
     }
 }
+
+/// The JSON rewrite measured: `redact` removing one field and masking
+/// another, so the payload is parsed, changed and printed again.
+const REWRITE_CONFIG: &str =
+    r#"{"remove": ["/customer/email"], "mask": ["/payment/last4"], "keep_last": 2}"#;
 
 fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
     samples.sort();
@@ -112,7 +118,7 @@ fn main() {
     );
 
     let mut compiled = Vec::new();
-    for name in ["passthrough", "cloudevents"] {
+    for name in ["passthrough", "redact", "cloudevents"] {
         let wasm = plugin_wasm(name);
         let start = Instant::now();
         host.compile_quick(&wasm, name).expect("compiles");
@@ -147,18 +153,19 @@ fn main() {
     }
 
     let ready = |name: &str| -> Ready { host.cached(name).expect("cached") };
-    for (name, label) in [
-        ("passthrough", "pass-through plugin"),
-        ("cloudevents", "JSON rewrite plugin (cloudevents)"),
+    for (name, label, config) in [
+        ("passthrough", "pass-through plugin", "null"),
+        ("redact", "JSON rewrite plugin (redact)", REWRITE_CONFIG),
+        ("cloudevents", "envelope plugin (cloudevents)", "null"),
     ] {
         let plugin = ready(name);
-        let check = call(&rt, &host, &plugin, &event, "null");
+        let check = call(&rt, &host, &plugin, &event, config);
         assert!(check.result.is_ok(), "{:?}", check.result);
         measure(
             &format!("{label}, fresh instance + call"),
             args.iterations,
             || {
-                let out = call(&rt, &host, &plugin, &event, "null");
+                let out = call(&rt, &host, &plugin, &event, config);
                 std::hint::black_box(out);
             },
         );
@@ -166,19 +173,31 @@ fn main() {
     // Until Cranelift's code is ready, an upload runs on Winch's.
     let quick_host = PluginHost::new(limits.clone(), 4).expect("plugin host");
     let quick = quick_host
-        .compile_quick(&plugin_wasm("cloudevents"), "cloudevents")
+        .compile_quick(&plugin_wasm("redact"), "redact")
         .expect("compiles");
     measure(
         "JSON rewrite plugin, Winch tier (first ~0.1 s)",
         args.iterations,
         || {
-            let out = call(&rt, &quick_host, &quick, &event, "null");
+            let out = call(&rt, &quick_host, &quick, &event, REWRITE_CONFIG);
             std::hint::black_box(out);
         },
     );
     let native_event = wasmhook_sdk_event(&event);
+    let native_config: serde_json::Value = serde_json::from_str(REWRITE_CONFIG).expect("JSON");
     measure(
         "JSON rewrite in native Rust (same code)",
+        args.iterations,
+        || {
+            let out = wasmhook_plugin_redact::transform(
+                native_event.clone(),
+                wasmhook_sdk::Config::new(native_config.clone()),
+            );
+            std::hint::black_box(out.ok());
+        },
+    );
+    measure(
+        "envelope in native Rust (same code)",
         args.iterations,
         || {
             let out = wasmhook_plugin_cloudevents::transform(
@@ -189,7 +208,7 @@ fn main() {
         },
     );
 
-    let plugin = ready("cloudevents");
+    let plugin = ready("redact");
     let host = Arc::new(host);
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let threads: Vec<_> = (0..2)
@@ -199,7 +218,7 @@ fn main() {
                 let rt = runtime();
                 let mut calls = 0u64;
                 while Instant::now() < deadline {
-                    std::hint::black_box(call(&rt, &host, &plugin, &event, "null"));
+                    std::hint::black_box(call(&rt, &host, &plugin, &event, REWRITE_CONFIG));
                     calls += 1;
                 }
                 calls
@@ -256,7 +275,9 @@ fn many_tasks(host: &Arc<PluginHost>, plugin: &Ready, event: &PluginEvent, secon
                 tokio::spawn(async move {
                     let mut calls = 0u64;
                     while Instant::now() < deadline {
-                        let out = host.run(&plugin, event.clone(), "null".into()).await;
+                        let out = host
+                            .run(&plugin, event.clone(), REWRITE_CONFIG.into())
+                            .await;
                         std::hint::black_box(out);
                         calls += 1;
                     }

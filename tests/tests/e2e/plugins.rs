@@ -376,16 +376,7 @@ async fn plugins_keep_working_after_a_restart() {
     world.webhook("/p", json!({"plugin": {"id": plugin}})).await;
     // The upload answered after the quick compile; the optimised artifact
     // is stored in the background, and a restart loads it.
-    let precompiled =
-        "SELECT count(*) FROM plugins WHERE artifact IS NOT NULL AND artifact_key IS NOT NULL";
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while world.gateway.workspace.count(precompiled).await != 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the optimised artifact was never stored"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    world.gateway.wait_for_optimised_plugins(PATIENCE).await;
     let world = world.restarted().await;
     world.publish("a.b", json!({"kept": true})).await;
     let got = world.wait_for(1, PATIENCE).await;

@@ -118,6 +118,15 @@ pub struct Settings {
     #[arg(long, env = "WASMHOOK_PLUGIN_CONCURRENCY", default_value_t = 0)]
     pub plugin_concurrency: usize,
 
+    /// How long events and their delivery history are kept: older events
+    /// whose deliveries are all finished are deleted in the background.
+    #[arg(long, env = "WASMHOOK_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Time between two retention sweeps.
+    #[arg(long, env = "WASMHOOK_RETENTION_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub retention_interval: Duration,
+
     /// How long shutdown waits for in-flight deliveries before releasing
     /// them back to the queue.
     #[arg(long, env = "WASMHOOK_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
@@ -168,6 +177,12 @@ impl Settings {
             return Err(format!(
                 "--lease ({:?}) must be longer than --request-timeout ({:?}), or a slow receiver would get the same delivery twice",
                 self.lease, self.request_timeout
+            ));
+        }
+        if self.retention < self.idempotency_window {
+            return Err(format!(
+                "--retention ({:?}) must be at least --idempotency-window ({:?}), or a repeated key could queue its event again",
+                self.retention, self.idempotency_window
             ));
         }
         if self.batch_size == 0 {

@@ -5,14 +5,18 @@
 //! webhook ([`store`]); workers send the deliveries, signed per Standard
 //! Webhooks ([`signing`]), to targets that passed the URL-safety checks
 //! ([`url_safety`]), retrying with backoff ([`delivery`]). [`server`] wires
-//! these together and runs them until shutdown.
+//! these together and runs them until shutdown; [`telemetry`] reports
+//! what happens as logs and metrics, and [`retention`] deletes old
+//! history.
 
 pub mod api;
 pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod plugin;
+pub mod retention;
 pub mod server;
 pub mod signing;
 pub mod store;
+pub mod telemetry;
 pub mod url_safety;

@@ -6,14 +6,19 @@ use std::io::Write;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 use wasmhook::config::Settings;
 use wasmhook::server::Gateway;
 use wasmhook::store::{Store, redacted_url};
+use wasmhook::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(name = "wasmhook", version, about = "Self-hosted webhook gateway")]
 struct Cli {
+    /// How log lines on stderr look: `text` for people, `json` (one
+    /// object per line) for log collectors. The level comes from
+    /// `WASMHOOK_LOG` (default `info`).
+    #[arg(long, global = true, env = "WASMHOOK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,13 +41,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("WASMHOOK_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    telemetry::init_logs(cli.log_format);
+    match cli.command {
         Command::Serve(settings) => serve(&settings).await,
         Command::Migrate { database_url } => {
             Store::migrate(&database_url)

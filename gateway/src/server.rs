@@ -14,7 +14,9 @@ use crate::api::{self, AppState, Limits, token_hash};
 use crate::config::{Role, Settings};
 use crate::delivery::{RetryPolicy, Sender, Worker, WorkerConfig};
 use crate::plugin::{PluginError, PluginHost, Plugins};
+use crate::retention::Retention;
 use crate::store::{Store, StoreError, StoreOptions, redacted_url};
+use crate::telemetry::Metrics;
 
 const ADMIN_TOKEN_HASH_KEY: &str = "admin_token_sha256";
 
@@ -39,6 +41,7 @@ pub struct Gateway {
     listener: TcpListener,
     state: AppState,
     worker: Worker,
+    retention: Retention,
     role: Role,
     /// Set when this start generated the admin token: shown once.
     pub generated_admin_token: Option<String>,
@@ -76,6 +79,7 @@ impl Gateway {
                 max_plugin_bytes: settings.plugin_max_upload_bytes,
             },
             plugins: plugins.clone(),
+            metrics: Metrics::global(),
         };
         let sender = Sender::new(
             policy.clone(),
@@ -90,6 +94,11 @@ impl Gateway {
             poll_interval: settings.poll_interval,
             shutdown_grace: settings.shutdown_grace,
         };
+        let retention = Retention {
+            store: store.clone(),
+            keep: settings.retention,
+            interval: settings.retention_interval,
+        };
         let worker = Worker {
             store,
             sender,
@@ -103,6 +112,7 @@ impl Gateway {
             listener,
             state,
             worker,
+            retention,
             role: settings.role,
             generated_admin_token,
         })
@@ -122,18 +132,19 @@ impl Gateway {
             let plugins = self.state.plugins.clone();
             async move { plugins.warm_up().await }
         });
-        let worker = self
-            .role
-            .delivers()
-            .then(|| tokio::spawn(self.worker.run(shutdown.clone())));
+        let delivers = self.role.delivers();
+        let worker = delivers.then(|| tokio::spawn(self.worker.run(shutdown.clone())));
+        // Processes that deliver also delete old history; API-only ones
+        // stay light.
+        let retention = delivers.then(|| tokio::spawn(self.retention.run(shutdown.clone())));
         let app = api::router(self.state, self.role.serves_api());
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .await;
         // The worker may still be draining after the API stopped.
         shutdown.cancel();
-        if let Some(worker) = worker {
-            let _ = worker.await;
+        for task in [worker, retention].into_iter().flatten() {
+            let _ = task.await;
         }
         store.close().await;
         served.map_err(StartError::Serve)

@@ -81,6 +81,9 @@ pub async fn publish(
         dedup_since: now_ms() - state.limits.idempotency_window.as_millis() as i64,
     };
     let published = state.store.publish(event).await?;
+    if !published.replayed {
+        crate::telemetry::event_accepted();
+    }
     if !published.deliveries.is_empty() && !published.replayed {
         state.wake.notify_one();
     }

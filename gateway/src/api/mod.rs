@@ -10,6 +10,7 @@ mod error;
 mod events;
 mod extract;
 mod health;
+mod metrics;
 mod plugins;
 mod webhooks;
 
@@ -22,12 +23,14 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use tokio::sync::Notify;
 use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
 pub use error::ApiError;
 pub use extract::token_hash;
 
 use crate::plugin::Plugins;
 use crate::store::Store;
+use crate::telemetry::Metrics;
 use crate::url_safety::UrlPolicy;
 
 /// Room for the JSON around an event payload.
@@ -45,6 +48,7 @@ pub struct AppState {
     pub wake: Arc<Notify>,
     pub limits: Limits,
     pub plugins: Plugins,
+    pub metrics: Metrics,
 }
 
 #[derive(Debug, Clone)]
@@ -55,7 +59,8 @@ pub struct Limits {
     pub max_plugin_bytes: usize,
 }
 
-/// The routes of a process; a worker-only process serves just the probes.
+/// The routes of a process; a worker-only process serves just the probes
+/// and metrics.
 pub fn router(state: AppState, serve_api: bool) -> Router {
     let body_limit = state.limits.max_payload_bytes + BODY_OVERHEAD;
     let v1 = Router::new()
@@ -98,7 +103,8 @@ pub fn router(state: AppState, serve_api: bool) -> Router {
         .route("/plugins/{id}/test", post(plugins::test));
     let probes = Router::new()
         .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz));
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::scrape));
     let routes = if serve_api {
         probes.nest("/v1", v1)
     } else {
@@ -108,9 +114,22 @@ pub fn router(state: AppState, serve_api: bool) -> Router {
         .fallback(|| async { ApiError::no_route() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit))
+        // The answer is logged at debug level, a server error at error level.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::ERROR)),
+        )
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
         .with_state(state)
+}
+
+/// One span per request: method and path, never headers or bodies.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
 }

@@ -12,12 +12,14 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::message;
 use super::retry::RetryPolicy;
 use super::sender::{SendResult, Sender};
 use crate::plugin::{Decision, Delivered, Plugins};
-use crate::store::{AttemptRecord, ClaimedDelivery, Millis, Store, now_ms};
+use crate::store::{AttemptRecord, ClaimedDelivery, Millis, NextState, Store, now_ms};
+use crate::telemetry;
 use crate::url_safety::UrlPolicy;
 
 #[derive(Debug, Clone)]
@@ -98,7 +100,8 @@ impl Worker {
                 let in_flight = in_flight.clone();
                 tasks.spawn(async move {
                     let id = delivery.id.clone();
-                    let record = this.attempt(&delivery).await;
+                    let span = attempt_span(&delivery);
+                    let record = this.attempt(&delivery).instrument(span).await;
                     // Recorded by the recorder from here on, so no longer ours
                     // to release.
                     if results.send(record).await.is_ok() {
@@ -114,8 +117,16 @@ impl Worker {
         self_drain(this, tasks, results, recorder, in_flight).await;
     }
 
-    /// One attempt of one delivery, start to decision.
+    /// One attempt of one delivery, logged and counted.
     async fn attempt(&self, delivery: &ClaimedDelivery) -> AttemptRecord {
+        let record = self.decide(delivery).await;
+        log_outcome(&record);
+        telemetry::attempt_recorded(&record);
+        record
+    }
+
+    /// One attempt of one delivery, start to decision.
+    async fn decide(&self, delivery: &ClaimedDelivery) -> AttemptRecord {
         let now = now_ms();
         if !delivery.enabled {
             return self.retry.abandon(delivery, now);
@@ -128,7 +139,6 @@ impl Worker {
             Ok(request) => self.sender.send(request).await,
             Err(error) => SendResult::refused(error),
         };
-        tracing::debug!(delivery = %delivery.id, outcome = result.kind.as_str(), "attempt finished");
         self.retry.decide(delivery, result, now_ms())
     }
 
@@ -142,8 +152,11 @@ impl Worker {
         let Some(invocation) = self.plugins.transform(delivery).await else {
             return Ok(None);
         };
+        telemetry::plugin_ran(invocation.duration);
+        // Plugin log lines are the plugin author's; they may quote the
+        // payload, so they stay at debug level (and in the playground).
         for line in &invocation.logs {
-            tracing::debug!(delivery = %delivery.id, level = line.level, "plugin: {}", line.message);
+            tracing::debug!(level = line.level, "plugin: {}", line.message);
         }
         match invocation.result {
             Ok(Decision::Deliver(delivered)) => Ok(Some(delivered)),
@@ -155,6 +168,48 @@ impl Worker {
                 let failed = SendResult::plugin_failed(&error, now, invocation.duration);
                 Err(self.retry.decide(delivery, failed, now_ms()))
             }
+        }
+    }
+}
+
+/// The span every log line of one attempt carries: ids, never content.
+fn attempt_span(delivery: &ClaimedDelivery) -> tracing::Span {
+    tracing::info_span!(
+        "attempt",
+        delivery = %delivery.id,
+        event = %delivery.event_id,
+        webhook = %delivery.webhook_id,
+        attempt = delivery.attempts + 1,
+    )
+}
+
+/// A success is routine (debug); a failure is worth an operator's eye
+/// (info while retries remain, warn when the delivery is dead).
+fn log_outcome(record: &AttemptRecord) {
+    let Some(attempt) = &record.attempt else {
+        tracing::info!("webhook is disabled; the delivery ends without an attempt");
+        return;
+    };
+    let (outcome, status, ms) = (attempt.outcome, attempt.status_code, attempt.duration_ms);
+    match &record.next {
+        NextState::Succeeded => tracing::debug!(outcome, status, ms, "delivered"),
+        NextState::Skipped { .. } => tracing::debug!(outcome, ms, "skipped by the plugin"),
+        NextState::Retry { due_at, .. } => {
+            tracing::info!(
+                outcome,
+                status,
+                ms,
+                retry_at = due_at,
+                "attempt failed; will retry"
+            )
+        }
+        NextState::Dead { .. } => {
+            tracing::warn!(
+                outcome,
+                status,
+                ms,
+                "attempt failed; no attempts left, delivery is dead"
+            )
         }
     }
 }

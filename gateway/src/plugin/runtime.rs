@@ -20,8 +20,10 @@ impl Plugins {
     /// The plugin with this id and code hash, ready to run.
     pub async fn ready(&self, plugin_id: &str, sha256: &str) -> Result<Ready, PluginError> {
         if let Some(ready) = self.host.cached(sha256) {
+            crate::telemetry::plugin_cache(true);
             return Ok(ready);
         }
+        crate::telemetry::plugin_cache(false);
         let code = self
             .store
             .plugin_code(plugin_id)

@@ -191,6 +191,26 @@ delegate! {
     fn record_attempts(&self, records: std::sync::Arc<Vec<AttemptRecord>>) -> StoreResult<()>;
     /// Gives claimed deliveries back to the queue, due now (shutdown).
     fn release(&self, claims: Vec<(String, String)>) -> StoreResult<()>;
+    /// The queue's shape at `now`, for metrics.
+    fn queue_stats(&self, now: Millis) -> StoreResult<QueueStats>;
+    /// Deletes up to `limit` events created before `cutoff`, with their
+    /// deliveries and attempts, oldest first; an event is kept while any of
+    /// its deliveries is unfinished or changed since `cutoff`. Returns how
+    /// many events went.
+    fn purge_events(&self, cutoff: Millis, limit: u32) -> StoreResult<u64>;
+}
+
+/// Counts of the delivery queue at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Waiting for an attempt, due now or later (not claimed).
+    pub pending: u64,
+    /// Of those, due now.
+    pub due: u64,
+    /// Claimed by a worker.
+    pub in_flight: u64,
+    /// The earliest due time among pending deliveries.
+    pub oldest_due_at: Option<Millis>,
 }
 
 /// Milliseconds since the Unix epoch: the unit of every stored time.

@@ -7,9 +7,10 @@ use sqlx::PgPool;
 
 use crate::store::{StoreResult, check_schema_version, now_ms};
 
-const MIGRATIONS: &[&str] = &[include_str!(
-    "../../../../migrations/postgres/0001_init.sql"
-)];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../../../migrations/postgres/0001_init.sql"),
+    include_str!("../../../../migrations/postgres/0002_retention.sql"),
+];
 /// Any constant: the key of the advisory lock migrations hold.
 const LOCK_KEY: i64 = 0x7761_736d_686f_6f6b;
 

@@ -684,6 +684,44 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    pub async fn queue_stats(&self, now: Millis) -> StoreResult<QueueStats> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) FILTER (WHERE status <> 'sending'), \
+             COUNT(*) FILTER (WHERE status <> 'sending' AND due_at <= $1), \
+             COUNT(*) FILTER (WHERE status = 'sending'), \
+             MIN(due_at) FILTER (WHERE status <> 'sending') \
+             FROM deliveries WHERE due_at IS NOT NULL",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(QueueStats {
+            pending: row.try_get::<i64, _>(0)? as u64,
+            due: row.try_get::<i64, _>(1)? as u64,
+            in_flight: row.try_get::<i64, _>(2)? as u64,
+            oldest_due_at: row.try_get(3)?,
+        })
+    }
+
+    /// Old finished events go with their deliveries and attempts (the
+    /// foreign keys cascade). Rows another process is deleting are skipped.
+    pub async fn purge_events(&self, cutoff: Millis, limit: u32) -> StoreResult<u64> {
+        let deleted = sqlx::query(
+            "DELETE FROM events WHERE (app_id, id) IN ( \
+                 SELECT e.app_id, e.id FROM events e WHERE e.created_at < $1 AND NOT EXISTS ( \
+                     SELECT 1 FROM deliveries d WHERE d.app_id = e.app_id AND d.event_id = e.id \
+                     AND (d.due_at IS NOT NULL OR d.updated_at >= $1)) \
+                 ORDER BY e.created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(cutoff)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted.rows_affected())
+    }
+}
+
 async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Published> {
     if let Some(first) = repeat_of(c, event).await? {
         let rows = sqlx::query(

@@ -9,6 +9,7 @@ use crate::store::{StoreResult, check_schema_version};
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../../migrations/sqlite/0001_init.sql"),
     include_str!("../../../../migrations/sqlite/0002_plugins.sql"),
+    include_str!("../../../../migrations/sqlite/0003_retention.sql"),
 ];
 
 pub fn run(connection: &mut Connection) -> StoreResult<()> {

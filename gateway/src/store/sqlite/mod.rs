@@ -671,6 +671,48 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    pub async fn queue_stats(&self, now: Millis) -> StoreResult<QueueStats> {
+        self.readers
+            .read(move |c| {
+                let sql = "SELECT COALESCE(SUM(status <> 'sending'), 0), \
+                     COALESCE(SUM(status <> 'sending' AND due_at <= ?1), 0), \
+                     COALESCE(SUM(status = 'sending'), 0), \
+                     MIN(CASE WHEN status <> 'sending' THEN due_at END) \
+                     FROM deliveries WHERE due_at IS NOT NULL";
+                let stats = c.prepare_cached(sql)?.query_row([now], |r| {
+                    Ok(QueueStats {
+                        pending: r.get::<_, i64>(0)? as u64,
+                        due: r.get::<_, i64>(1)? as u64,
+                        in_flight: r.get::<_, i64>(2)? as u64,
+                        oldest_due_at: r.get(3)?,
+                    })
+                })?;
+                Ok(stats)
+            })
+            .await
+    }
+
+    pub async fn purge_events(&self, cutoff: Millis, limit: u32) -> StoreResult<u64> {
+        self.writer
+            .write(move |c| {
+                let deleted = c
+                    .prepare_cached(PURGE_SQL)?
+                    .execute(params![cutoff, limit])?;
+                Ok(deleted as u64)
+            })
+            .await
+    }
+}
+
+/// Old finished events go with their deliveries and attempts (the foreign
+/// keys cascade): (cutoff, limit).
+const PURGE_SQL: &str = "DELETE FROM events WHERE rowid IN ( \
+     SELECT e.rowid FROM events e WHERE e.created_at < ?1 AND NOT EXISTS ( \
+         SELECT 1 FROM deliveries d WHERE d.app_id = e.app_id AND d.event_id = e.id \
+         AND (d.due_at IS NOT NULL OR d.updated_at >= ?1)) \
+     ORDER BY e.created_at LIMIT ?2)";
+
 fn publish(c: &Connection, event: &NewEvent) -> StoreResult<Published> {
     if let Some(first) = repeat_of(c, event)? {
         let deliveries = collect(

@@ -1,0 +1,2 @@
+-- Retention deletes the oldest finished events first.
+CREATE INDEX events_created ON events (created_at);

@@ -25,6 +25,29 @@ pub fn plugin_wasm(name: &str) -> Vec<u8> {
     })
 }
 
+/// The Python interpreter of the virtual environment `scripts/test` makes
+/// (`target/python`, with `tests/python/requirements.txt` installed), or
+/// `WASMHOOK_TEST_PYTHON`.
+pub fn python() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("WASMHOOK_TEST_PYTHON") {
+        return path.into();
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/python/bin/python");
+    assert!(
+        path.exists(),
+        "{}: missing; scripts/test creates it with the Python packages the tests use",
+        path.display()
+    );
+    path
+}
+
+/// A script of `tests/python/`.
+pub fn python_script(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name)
+}
+
 /// A plugin built for `wasm32-unknown-unknown` (a core module carrying
 /// its WIT type), turned into a component with `wit-component`: no WASI
 /// imports at all, only the plugin log.

@@ -4,7 +4,9 @@
 
 mod api;
 mod delivery;
+mod operations;
 mod plugins;
+mod receivers;
 mod restart;
 mod retries;
 mod scale_out;

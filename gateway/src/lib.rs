@@ -10,6 +10,7 @@
 //! history.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod domain;

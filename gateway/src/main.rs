@@ -1,11 +1,16 @@
 //! The `wasmhook` command: `serve` runs the gateway, `migrate` applies
-//! database migrations and exits.
+//! database migrations and exits, and `app`, `webhook`, `event`,
+//! `delivery` and `plugin` administer a running gateway over its API.
 
 use std::io::Write;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use wasmhook::cli::{
+    self, AppCommand, AppScope, DeliveryCommand, EventCommand, PluginCommand, Remote, Request,
+    WebhookCommand,
+};
 use wasmhook::config::Settings;
 use wasmhook::server::Gateway;
 use wasmhook::store::{Store, redacted_url};
@@ -27,6 +32,47 @@ struct Cli {
 enum Command {
     /// Run the API and the delivery worker.
     Serve(Box<Settings>),
+    /// Apps on a running gateway.
+    App {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: AppCommand,
+    },
+    /// Webhooks of an app on a running gateway.
+    Webhook {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(flatten)]
+        scope: AppScope,
+        #[command(subcommand)]
+        command: WebhookCommand,
+    },
+    /// Publish events to a running gateway.
+    Event {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(flatten)]
+        scope: AppScope,
+        #[command(subcommand)]
+        command: EventCommand,
+    },
+    /// Deliveries of an app: their attempts, and sending them again.
+    Delivery {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(flatten)]
+        scope: AppScope,
+        #[command(subcommand)]
+        command: DeliveryCommand,
+    },
+    /// WebAssembly plugins: upload, list, try, attach.
+    Plugin {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Apply database migrations and exit.
     Migrate {
         #[arg(
@@ -52,7 +98,33 @@ async fn main() -> anyhow::Result<()> {
             println!("migrations applied to {}", redacted_url(&database_url));
             Ok(())
         }
+        Command::App { remote, command } => admin(&remote, Request::App(command)).await,
+        Command::Webhook {
+            remote,
+            scope,
+            command,
+        } => admin(&remote, Request::Webhook(scope, command)).await,
+        Command::Event {
+            remote,
+            scope,
+            command,
+        } => admin(&remote, Request::Event(scope, command)).await,
+        Command::Delivery {
+            remote,
+            scope,
+            command,
+        } => admin(&remote, Request::Delivery(scope, command)).await,
+        Command::Plugin { remote, command } => admin(&remote, Request::Plugin(command)).await,
     }
+}
+
+/// Runs an admin command; an error is printed as one line, status 1.
+async fn admin(remote: &Remote, request: Request) -> anyhow::Result<()> {
+    if let Err(error) = cli::run(remote, request).await {
+        eprintln!("error: {error}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn serve(settings: &Settings) -> anyhow::Result<()> {
@@ -100,4 +172,15 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutting down: no new claims, finishing in-flight deliveries");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks the whole command tree (e.g. no required global flag).
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

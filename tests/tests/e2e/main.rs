@@ -3,6 +3,7 @@
 //! `standardwebhooks` crate.
 
 mod api;
+mod cli;
 mod delivery;
 mod operations;
 mod plugins;

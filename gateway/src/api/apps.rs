@@ -6,19 +6,20 @@ use axum::http::StatusCode;
 use base64::Engine as _;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ApiResult, OrNotFound};
 use super::extract::{
     ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page, double_option, token_hash,
 };
+use super::openapi::ErrorResponses;
 use crate::delivery::message::rfc3339;
 use crate::store::App;
 
 const MAX_NAME_LEN: usize = 256;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AppView {
     id: String,
     uid: Option<String>,
@@ -39,18 +40,26 @@ impl From<App> for AppView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApp {
+    /// A label for people (not blank).
+    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     name: String,
+    /// Your own id for the app, usable wherever an app id is.
+    #[schema(pattern = r"^(?!app_)[A-Za-z0-9_.\-]{1,256}$")]
     uid: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchApp {
+    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     name: Option<String>,
+    /// A new uid, or null to remove it.
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    #[schema(pattern = r"^(?!app_)[A-Za-z0-9_.\-]{1,256}$")]
     uid: Option<Option<String>>,
 }
 
@@ -85,6 +94,13 @@ fn check_uid(uid: &str) -> ApiResult<()> {
     Ok(())
 }
 
+#[utoipa::path(
+    post,
+    path = "/apps",
+    tag = "apps",
+    request_body = CreateApp,
+    responses((status = 201, description = "The new app", body = AppView), ErrorResponses)
+)]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -102,6 +118,13 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(app.into())))
 }
 
+#[utoipa::path(
+    get,
+    path = "/apps",
+    tag = "apps",
+    params(ListQuery),
+    responses((status = 200, description = "A page of apps", body = Page<AppView>), ErrorResponses)
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -118,6 +141,13 @@ pub async fn list(
     )))
 }
 
+#[utoipa::path(
+    get,
+    path = "/apps/{app}",
+    tag = "apps",
+    params(("app" = String, Path, description = "App id or uid")),
+    responses((status = 200, description = "The app", body = AppView), ErrorResponses)
+)]
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,
@@ -126,6 +156,14 @@ pub async fn show(
     Ok(Json(caller.app(&state, &app).await?.into()))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/apps/{app}",
+    tag = "apps",
+    params(("app" = String, Path, description = "App id or uid")),
+    request_body = PatchApp,
+    responses((status = 200, description = "The changed app", body = AppView), ErrorResponses)
+)]
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
@@ -147,6 +185,13 @@ pub async fn update(
     Ok(Json(app.into()))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/apps/{app}",
+    tag = "apps",
+    params(("app" = String, Path, description = "App id or uid")),
+    responses((status = 204, description = "Deleted, with its webhooks, events and deliveries"), ErrorResponses)
+)]
 pub async fn remove(
     State(state): State<AppState>,
     caller: Caller,
@@ -160,11 +205,18 @@ pub async fn remove(
 
 /// Creates an app key. The key is in this response only; the store keeps
 /// its hash.
+#[utoipa::path(
+    post,
+    path = "/apps/{app}/keys",
+    tag = "apps",
+    params(("app" = String, Path, description = "App id or uid")),
+    responses((status = 201, description = "The key, shown only in this answer", body = KeyCreated), ErrorResponses)
+)]
 pub async fn create_key(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(app): ApiPath<String>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<KeyCreated>)> {
     caller.require_admin()?;
     let app = caller.app(&state, &app).await?;
     let mut bytes = [0u8; 32];
@@ -179,10 +231,30 @@ pub async fn create_key(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "id": id, "app_id": app.id, "key": key })),
+        Json(KeyCreated {
+            id,
+            app_id: app.id,
+            key,
+        }),
     ))
 }
 
+/// A new app key: `key` is its only appearance.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyCreated {
+    id: String,
+    app_id: String,
+    /// Use as `Authorization: Bearer <key>` for this app's routes.
+    key: String,
+}
+
+#[utoipa::path(
+    delete,
+    path = "/apps/{app}/keys/{id}",
+    tag = "apps",
+    params(("app" = String, Path, description = "App id or uid"), ("id" = String, Path, description = "Key id")),
+    responses((status = 204, description = "The key no longer works"), ErrorResponses)
+)]
 pub async fn delete_key(
     State(state): State<AppState>,
     caller: Caller,

@@ -3,14 +3,16 @@
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ApiResult, OrNotFound};
 use super::extract::{ApiPath, ApiQuery, Caller, ListQuery, Page};
+use super::openapi::ErrorResponses;
 use crate::delivery::message::rfc3339;
 use crate::store::{Attempt, Delivery, DeliveryStatus};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DeliveryView {
     id: String,
     app_id: String,
@@ -53,7 +55,7 @@ impl From<Delivery> for DeliveryView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AttemptView {
     id: String,
     attempt: i64,
@@ -84,14 +86,27 @@ impl From<Attempt> for AttemptView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct WebhookDeliveriesQuery {
+    /// Only deliveries in this state.
+    #[param(pattern = "^(pending|sending|succeeded|failed|dead|skipped)$")]
     status: Option<String>,
+    /// Items per page (default 50).
+    #[param(minimum = 1, maximum = 250)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/apps/{app}/events/{id}/deliveries",
+    tag = "deliveries",
+    params(("app" = String, Path, description = "App id or uid"), ("id" = String, Path, description = "Event id")),
+    responses((status = 200, description = "Every delivery of the event", body = Vec<DeliveryView>), ErrorResponses)
+)]
 pub async fn for_event(
     State(state): State<AppState>,
     caller: Caller,
@@ -107,6 +122,13 @@ pub async fn for_event(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/apps/{app}/webhooks/{id}/deliveries",
+    tag = "deliveries",
+    params(("app" = String, Path, description = "App id or uid"), ("id" = String, Path, description = "Webhook id"), WebhookDeliveriesQuery),
+    responses((status = 200, description = "A page of the webhook's deliveries, newest first", body = Page<DeliveryView>), ErrorResponses)
+)]
 pub async fn for_webhook(
     State(state): State<AppState>,
     caller: Caller,
@@ -140,6 +162,13 @@ pub async fn for_webhook(
     )))
 }
 
+#[utoipa::path(
+    get,
+    path = "/apps/{app}/deliveries/{id}",
+    tag = "deliveries",
+    params(("app" = String, Path, description = "App id or uid"), ("id" = String, Path, description = "Delivery id")),
+    responses((status = 200, description = "The delivery with every attempt", body = DeliveryView), ErrorResponses)
+)]
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,
@@ -159,6 +188,13 @@ pub async fn show(
 
 /// Sends a delivery again now, from any state but `sending` (including
 /// `dead` and `succeeded`: a redelivery).
+#[utoipa::path(
+    post,
+    path = "/apps/{app}/deliveries/{id}/retry",
+    tag = "deliveries",
+    params(("app" = String, Path, description = "App id or uid"), ("id" = String, Path, description = "Delivery id")),
+    responses((status = 200, description = "Queued to be sent now", body = DeliveryView), ErrorResponses)
+)]
 pub async fn retry(
     State(state): State<AppState>,
     caller: Caller,

@@ -81,6 +81,16 @@ impl ApiError {
         )
     }
 
+    /// Valid JSON of the wrong shape: not an object, a missing or unknown
+    /// field, a wrong type. serde's message names the field.
+    pub fn invalid_body(message: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            format!("the JSON body does not fit: {message}"),
+        )
+    }
+
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
     }

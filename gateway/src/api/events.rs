@@ -5,33 +5,40 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, Caller};
+use super::openapi::ErrorResponses;
 use crate::delivery::message::rfc3339;
 use crate::domain::{EventType, parse_event_id};
 use crate::store::{NewEvent, new_id, now_ms};
 
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PublishEvent {
+    /// Dot-separated name, e.g. `invoice.paid`.
+    #[schema(pattern = r"^[A-Za-z0-9._:/\-]{1,256}$")]
     event_type: String,
-    /// Kept as the exact JSON text sent, so a `raw_payload` webhook
+    /// Any JSON. Kept as the exact text sent, so a `raw_payload` webhook
     /// receives the bytes the publisher sent.
+    #[schema(value_type = Value)]
     payload: Box<RawValue>,
+    /// Your id for the event; a repeat within the window is not queued again.
+    #[schema(pattern = r"^[A-Za-z0-9_.\-]{1,256}$")]
     id: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Queued {
     id: String,
     webhook_id: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Accepted {
     id: String,
     deliveries: Vec<Queued>,
@@ -54,6 +61,14 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
 
 /// Accepts an event: stored with its deliveries in one transaction before
 /// the 202, so an accepted event survives any crash.
+#[utoipa::path(
+    post,
+    path = "/apps/{app}/events",
+    tag = "events",
+    params(("app" = String, Path, description = "App id or uid"), ("Idempotency-Key" = Option<String>, Header, description = "A repeat within the idempotency window returns the first answer and queues nothing")),
+    request_body = PublishEvent,
+    responses((status = 202, description = "Stored with its deliveries before this answer; a repeat carries `idempotent-replayed: true`", body = Accepted), ErrorResponses)
+)]
 pub async fn publish(
     State(state): State<AppState>,
     caller: Caller,
@@ -106,15 +121,23 @@ pub async fn publish(
     Ok((StatusCode::ACCEPTED, response_headers, Json(accepted)))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EventView {
     id: String,
     app_id: String,
     event_type: String,
+    #[schema(value_type = Value)]
     payload: Box<RawValue>,
     created_at: String,
 }
 
+#[utoipa::path(
+    get,
+    path = "/apps/{app}/events/{id}",
+    tag = "events",
+    params(("app" = String, Path, description = "App id or uid"), ("id" = String, Path, description = "Event id")),
+    responses((status = 200, description = "The event as published", body = EventView), ErrorResponses)
+)]
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,

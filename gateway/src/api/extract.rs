@@ -1,18 +1,43 @@
 //! Request extractors: JSON, query and path extractors whose rejections are
 //! our JSON errors, the authenticated caller, and list pagination.
 
-use axum::extract::{FromRequest, FromRequestParts};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ApiResult};
 use crate::store::{App, PageRequest};
 
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON object body. serde would also build a struct from a JSON array
+/// (`[null, null]` as an empty patch); every body of this API is an
+/// object, so anything else is refused before parsing.
 pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        // axum's extractor checks the content type and the size limit.
+        let axum::Json(body) = axum::Json::<Box<RawValue>>::from_request(request, state).await?;
+        if !body.get().starts_with('{') {
+            return Err(ApiError::invalid_body("the body must be a JSON object"));
+        }
+        // The error names the field at fault: `url: invalid type: ...`.
+        let mut parser = serde_json::Deserializer::from_str(body.get());
+        let value =
+            serde_path_to_error::deserialize(&mut parser).map_err(ApiError::invalid_body)?;
+        Ok(Self(value))
+    }
+}
 
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
@@ -93,10 +118,14 @@ impl Caller {
 const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 250;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Items per page (default 50).
+    #[param(minimum = 1, maximum = 250)]
     pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
 }
 
@@ -118,7 +147,7 @@ impl ListQuery {
 }
 
 /// A page of a list; pass `next_cursor` as `cursor` for the next one.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Page<T> {
     pub data: Vec<T>,
     pub next_cursor: Option<String>,

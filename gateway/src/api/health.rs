@@ -2,22 +2,37 @@
 
 use axum::Json;
 use axum::extract::State;
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ApiResult};
+use super::openapi::ErrorBody;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` (process up) or `ready` (database answers).
+    status: &'static str,
+}
 
 /// The process is up.
-pub async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    responses((status = 200, description = "Up", body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
 /// The database answers.
-pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
+    responses(
+        (status = 200, description = "Ready to serve", body = Health),
+        (status = 503, description = "The database does not answer", body = ErrorBody),
+    ))]
+pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     state
         .store
         .ping()
         .await
         .map_err(|e| ApiError::unavailable(format!("database unreachable: {e}")))?;
-    Ok(Json(json!({ "status": "ready" })))
+    Ok(Json(Health { status: "ready" }))
 }

@@ -11,19 +11,25 @@ mod events;
 mod extract;
 mod health;
 mod metrics;
+mod openapi;
 mod plugins;
 mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
+use axum::response::Html;
+use axum::routing::get;
 use tokio::sync::Notify;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::ApiError;
 pub use extract::token_hash;
@@ -60,55 +66,16 @@ pub struct Limits {
 }
 
 /// The routes of a process; a worker-only process serves just the probes
-/// and metrics.
+/// and metrics. With the API come `/openapi.json` and `/docs`.
 pub fn router(state: AppState, serve_api: bool) -> Router {
     let body_limit = state.limits.max_payload_bytes + BODY_OVERHEAD;
-    let v1 = Router::new()
-        .route("/apps", post(apps::create).get(apps::list))
-        .route(
-            "/apps/{app}",
-            get(apps::show).patch(apps::update).delete(apps::remove),
-        )
-        .route("/apps/{app}/keys", post(apps::create_key))
-        .route("/apps/{app}/keys/{id}", delete(apps::delete_key))
-        .route(
-            "/apps/{app}/webhooks",
-            post(webhooks::create).get(webhooks::list),
-        )
-        .route(
-            "/apps/{app}/webhooks/{id}",
-            get(webhooks::show)
-                .patch(webhooks::update)
-                .delete(webhooks::remove),
-        )
-        .route(
-            "/apps/{app}/webhooks/{id}/secret/rotate",
-            post(webhooks::rotate_secret),
-        )
-        .route(
-            "/apps/{app}/webhooks/{id}/deliveries",
-            get(deliveries::for_webhook),
-        )
-        .route("/apps/{app}/events", post(events::publish))
-        .route("/apps/{app}/events/{id}", get(events::show))
-        .route(
-            "/apps/{app}/events/{id}/deliveries",
-            get(deliveries::for_event),
-        )
-        .route("/apps/{app}/deliveries/{id}", get(deliveries::show))
-        .route("/apps/{app}/deliveries/{id}/retry", post(deliveries::retry))
-        // Uploads are read as a stream with their own limit.
-        .route("/plugins", post(plugins::upload).get(plugins::list))
-        .route("/plugins/{id}", get(plugins::show).delete(plugins::remove))
-        .route("/plugins/{id}/test", post(plugins::test));
-    let probes = Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(metrics::scrape));
     let routes = if serve_api {
-        probes.nest("/v1", v1)
+        let (routes, document) = documented().split_for_parts();
+        routes
+            .route("/openapi.json", get(move || async move { Json(document) }))
+            .route("/docs", get(|| async { Html(DOCS_PAGE) }))
     } else {
-        probes
+        OpenApiRouter::new().merge(probes()).split_for_parts().0
     };
     routes
         .fallback(|| async { ApiError::no_route() })
@@ -128,6 +95,64 @@ pub fn router(state: AppState, serve_api: bool) -> Router {
         ))
         .with_state(state)
 }
+
+/// The API's OpenAPI document, as `/openapi.json` serves it.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    documented().split_for_parts().1
+}
+
+/// Every route the API serves, each from its annotated handler: the
+/// document is generated from this list, so no route goes undescribed.
+fn documented() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(probes())
+        .nest("/v1", v1())
+}
+
+fn probes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(metrics::scrape))
+}
+
+fn v1() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(apps::create, apps::list))
+        .routes(routes!(apps::show, apps::update, apps::remove))
+        .routes(routes!(apps::create_key))
+        .routes(routes!(apps::delete_key))
+        .routes(routes!(webhooks::create, webhooks::list))
+        .routes(routes!(webhooks::show, webhooks::update, webhooks::remove))
+        .routes(routes!(webhooks::rotate_secret))
+        .routes(routes!(deliveries::for_webhook))
+        .routes(routes!(events::publish))
+        .routes(routes!(events::show))
+        .routes(routes!(deliveries::for_event))
+        .routes(routes!(deliveries::show))
+        .routes(routes!(deliveries::retry))
+        // Uploads are read as a stream with their own limit.
+        .routes(routes!(plugins::upload, plugins::list))
+        .routes(routes!(plugins::show, plugins::remove))
+        .routes(routes!(plugins::test))
+}
+
+/// The interactive reference: Scalar's page, loading the document from
+/// `/openapi.json` (the script comes from Scalar's CDN, so the page needs
+/// a browser with internet access; the document itself does not).
+const DOCS_PAGE: &str = r#"<!doctype html>
+<html>
+<head>
+  <title>wasmhook API</title>
+  <meta charset="utf-8" />
+  <meta name="viewport" content="width=device-width, initial-scale=1" />
+</head>
+<body>
+  <script id="api-reference" data-url="/openapi.json"></script>
+  <script src="https://cdn.jsdelivr.net/npm/@scalar/api-reference"></script>
+</body>
+</html>
+"#;
 
 /// One span per request: method and path, never headers or bodies.
 fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {

@@ -11,10 +11,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ApiResult, OrNotFound};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page};
+use super::openapi::ErrorResponses;
 use crate::delivery::message::rfc3339;
 use crate::domain::EventType;
 use crate::plugin::{Decision, Delivered, PluginEvent};
@@ -22,7 +24,7 @@ use crate::store::{NewPlugin, Plugin, now_ms};
 
 const MAX_NAME_LEN: usize = 64;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PluginView {
     id: String,
     name: String,
@@ -45,11 +47,43 @@ impl From<Plugin> for PluginView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct UploadQuery {
+    /// Letters, digits, `-`, `_`, `.`, `+`; at most 64.
+    #[param(pattern = r"^[A-Za-z0-9_.+\-]{1,64}$")]
     name: String,
+    /// Same characters as the name; name and version are immutable.
+    #[param(pattern = r"^[A-Za-z0-9_.+\-]{1,64}$")]
     version: String,
+}
+
+/// The raw bytes of a component (`application/wasm`).
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct WasmComponent(Vec<u8>);
+
+/// The playground's answer; which fields are present depends on `outcome`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct PlaygroundAnswer {
+    /// `deliver`, `skip` or `error`.
+    outcome: String,
+    /// `deliver`: the body (JSON when it parses, else text, else `{base64}`).
+    body: Option<Value>,
+    /// `deliver`: the content type sent.
+    content_type: Option<String>,
+    /// `deliver`: the headers the plugin added.
+    headers: Option<std::collections::BTreeMap<String, String>>,
+    /// `skip`: why.
+    reason: Option<String>,
+    /// `error`: `{kind, message}`; kind is timeout, memory_limit,
+    /// stack_overflow, trap, invalid_output, plugin_error or unavailable.
+    error: Option<Value>,
+    logs: Vec<crate::plugin::LogLine>,
+    duration_us: u64,
 }
 
 fn check_label(field: &'static str, value: &str) -> ApiResult<()> {
@@ -68,6 +102,14 @@ fn check_label(field: &'static str, value: &str) -> ApiResult<()> {
 /// Uploads a component (`application/wasm` body). It is checked and
 /// compiled (quick tier) before it is stored, so a stored plugin always
 /// runs; the optimised code follows in the background.
+#[utoipa::path(
+    post,
+    path = "/plugins",
+    tag = "plugins",
+    params(UploadQuery),
+    request_body(content = WasmComponent, content_type = "application/wasm", description = "A WebAssembly component of the wasmhook:plugin/transform world"),
+    responses((status = 201, description = "Checked, stored, and ready to run", body = PluginView), (status = 200, description = "The same bytes were uploaded under this name and version before", body = PluginView), ErrorResponses)
+)]
 pub async fn upload(
     State(state): State<AppState>,
     caller: Caller,
@@ -147,6 +189,13 @@ async fn read_limited(body: Body, limit: usize) -> ApiResult<Vec<u8>> {
     Ok(kept)
 }
 
+#[utoipa::path(
+    get,
+    path = "/plugins",
+    tag = "plugins",
+    params(ListQuery),
+    responses((status = 200, description = "A page of plugins", body = Page<PluginView>), ErrorResponses)
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -171,6 +220,13 @@ async fn find(state: &AppState, id: &str) -> ApiResult<Plugin> {
         .ok_or_else(|| ApiError::not_found("plugin", id))
 }
 
+#[utoipa::path(
+    get,
+    path = "/plugins/{id}",
+    tag = "plugins",
+    params(("id" = String, Path, description = "Plugin id")),
+    responses((status = 200, description = "The plugin", body = PluginView), ErrorResponses)
+)]
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,
@@ -180,6 +236,13 @@ pub async fn show(
     Ok(Json(find(&state, &id).await?.into()))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/plugins/{id}",
+    tag = "plugins",
+    params(("id" = String, Path, description = "Plugin id")),
+    responses((status = 204, description = "Deleted (refused with 409 while a webhook uses it)"), ErrorResponses)
+)]
 pub async fn remove(
     State(state): State<AppState>,
     caller: Caller,
@@ -194,10 +257,12 @@ pub async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TestRequest {
+    #[schema(pattern = r"^[A-Za-z0-9._:/\-]{1,256}$")]
     event_type: String,
+    #[schema(value_type = Value)]
     payload: Box<RawValue>,
     #[serde(default)]
     config: Option<Value>,
@@ -205,6 +270,14 @@ pub struct TestRequest {
 
 /// The playground: runs the plugin on a sample event exactly as a delivery
 /// would, and answers with the outcome, the plugin's log and the time.
+#[utoipa::path(
+    post,
+    path = "/plugins/{id}/test",
+    tag = "plugins",
+    params(("id" = String, Path, description = "Plugin id")),
+    request_body = TestRequest,
+    responses((status = 200, description = "What a delivery would see: the outcome, the plugin's log and the time", body = PlaygroundAnswer), ErrorResponses)
+)]
 pub async fn test(
     State(state): State<AppState>,
     caller: Caller,

@@ -7,10 +7,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ApiResult, OrNotFound};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page, double_option};
+use super::openapi::ErrorResponses;
 use crate::delivery::message::rfc3339;
 use crate::domain::{CustomHeaders, EventTypeFilter};
 use crate::signing::Secret;
@@ -19,7 +21,7 @@ use crate::store::{AttachedPlugin, Webhook, WebhookFields, now_ms};
 const MAX_DESCRIPTION_LEN: usize = 1024;
 const MAX_PLUGIN_CONFIG_LEN: usize = 64 * 1024;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct WebhookView {
     id: String,
     app_id: String,
@@ -32,6 +34,7 @@ pub struct WebhookView {
     raw_payload: bool,
     secret_masked: String,
     /// `{id, config}` of the attached plugin, or null.
+    #[schema(value_type = Option<PluginAttachment>)]
     plugin: Option<Value>,
     created_at: String,
     updated_at: String,
@@ -75,7 +78,7 @@ fn stored_settings(webhook: &Webhook) -> ApiResult<(EventTypeFilter, CustomHeade
     Ok((filter, headers))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
     url: String,
@@ -88,10 +91,12 @@ pub struct CreateWebhook {
 }
 
 /// `plugin: {id, config}` on a webhook.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PluginAttachment {
+    /// The plugin's id.
     id: String,
+    /// Any JSON, given to the plugin with every delivery (at most 64 KiB).
     #[serde(default)]
     config: Value,
 }
@@ -105,17 +110,21 @@ impl PluginAttachment {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchWebhook {
     url: Option<String>,
     description: Option<String>,
+    /// New filters, or null for every event type.
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<Vec<String>>)]
     event_types: Option<Option<Vec<String>>>,
     enabled: Option<bool>,
     headers: Option<BTreeMap<String, String>>,
     raw_payload: Option<bool>,
+    /// A plugin to attach, or null to detach the current one.
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<PluginAttachment>)]
     plugin: Option<Option<PluginAttachment>>,
 }
 
@@ -184,12 +193,20 @@ async fn find(state: &AppState, app_id: &str, id: &str) -> ApiResult<Webhook> {
 }
 
 /// Registers a webhook. The response is the only one that shows the secret.
+#[utoipa::path(
+    post,
+    path = "/apps/{app}/webhooks",
+    tag = "webhooks",
+    params(("app" = String, Path, description = "App id or uid")),
+    request_body = CreateWebhook,
+    responses((status = 201, description = "The webhook with its signing secret, shown only in this answer", body = WebhookCreated), ErrorResponses)
+)]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(app): ApiPath<String>,
     ApiJson(body): ApiJson<CreateWebhook>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<WebhookCreated>)> {
     let app = caller.app(&state, &app).await?;
     let no_headers = BTreeMap::new();
     let fields = validate(
@@ -210,11 +227,37 @@ pub async fn create(
         .store
         .create_webhook(&app.id, &fields, secret.expose())
         .await?;
-    let mut view = serde_json::to_value(WebhookView::try_from(webhook)?).unwrap_or_default();
-    view["secret"] = secret.expose().into();
-    Ok((StatusCode::CREATED, Json(view)))
+    let created = WebhookCreated {
+        webhook: WebhookView::try_from(webhook)?,
+        secret: secret.expose().to_owned(),
+    };
+    Ok((StatusCode::CREATED, Json(created)))
 }
 
+/// A new webhook: the only answer that shows its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookCreated {
+    #[serde(flatten)]
+    webhook: WebhookView,
+    /// `whsec_...`: give it to the receiver to verify signatures.
+    secret: String,
+}
+
+/// A rotated secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SecretRotated {
+    secret: String,
+    /// Until then deliveries carry a signature with the previous secret too.
+    previous_secret_expires_at: String,
+}
+
+#[utoipa::path(
+    get,
+    path = "/apps/{app}/webhooks",
+    tag = "webhooks",
+    params(("app" = String, Path, description = "App id or uid"), ListQuery),
+    responses((status = 200, description = "A page of webhooks", body = Page<WebhookView>), ErrorResponses)
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -232,6 +275,13 @@ pub async fn list(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/apps/{app}/webhooks/{id}",
+    tag = "webhooks",
+    params(("app" = String, Path, description = "App id or uid"), ("id" = String, Path, description = "Webhook id")),
+    responses((status = 200, description = "The webhook", body = WebhookView), ErrorResponses)
+)]
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,
@@ -241,6 +291,14 @@ pub async fn show(
     Ok(Json(find(&state, &app.id, &id).await?.try_into()?))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/apps/{app}/webhooks/{id}",
+    tag = "webhooks",
+    params(("app" = String, Path, description = "App id or uid"), ("id" = String, Path, description = "Webhook id")),
+    request_body = PatchWebhook,
+    responses((status = 200, description = "The changed webhook", body = WebhookView), ErrorResponses)
+)]
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
@@ -278,6 +336,13 @@ pub async fn update(
     Ok(Json(webhook.try_into()?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/apps/{app}/webhooks/{id}",
+    tag = "webhooks",
+    params(("app" = String, Path, description = "App id or uid"), ("id" = String, Path, description = "Webhook id")),
+    responses((status = 204, description = "Deleted, with its deliveries"), ErrorResponses)
+)]
 pub async fn remove(
     State(state): State<AppState>,
     caller: Caller,
@@ -294,11 +359,18 @@ pub async fn remove(
 
 /// Issues a new secret. Until the overlap ends, deliveries are signed with
 /// both, so receivers can switch without rejecting anything.
+#[utoipa::path(
+    post,
+    path = "/apps/{app}/webhooks/{id}/secret/rotate",
+    tag = "webhooks",
+    params(("app" = String, Path, description = "App id or uid"), ("id" = String, Path, description = "Webhook id")),
+    responses((status = 200, description = "The new secret; the old one signs too until the overlap ends", body = SecretRotated), ErrorResponses)
+)]
 pub async fn rotate_secret(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath((app, id)): ApiPath<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SecretRotated>> {
     let app = caller.app(&state, &app).await?;
     let secret = Secret::generate();
     let overlap_ends = now_ms() + state.limits.secret_rotation_overlap.as_millis() as i64;
@@ -307,8 +379,8 @@ pub async fn rotate_secret(
         .rotate_secret(&app.id, &id, secret.expose(), overlap_ends)
         .await
         .or_not_found("webhook", &id)?;
-    Ok(Json(json!({
-        "secret": secret.expose(),
-        "previous_secret_expires_at": rfc3339(overlap_ends),
-    })))
+    Ok(Json(SecretRotated {
+        secret: secret.expose().to_owned(),
+        previous_secret_expires_at: rfc3339(overlap_ends),
+    }))
 }

@@ -39,7 +39,8 @@ impl Default for PluginLimits {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// One line a plugin logged.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct LogLine {
     pub level: &'static str,
     pub message: String,

@@ -4,6 +4,9 @@
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::Value;
 
+/// Most items a list command fetches.
+const MAX_LISTED: usize = 1000;
+
 /// Why a CLI command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -93,7 +96,8 @@ impl Client {
         self.send(self.request(Method::POST, path).json(body)).await
     }
 
-    /// Every item of a paged list, following `next_cursor`.
+    /// The items of a paged list, following `next_cursor`, up to
+    /// [`MAX_LISTED`] (a webhook may have millions of deliveries).
     pub async fn list_all(&self, path: &str) -> Result<Vec<Value>, CliError> {
         let mut items = Vec::new();
         let mut cursor: Option<String> = None;
@@ -108,6 +112,10 @@ impl Client {
                 None => return Err(CliError::Response("a list without `data`".into())),
             }
             match page["next_cursor"].as_str() {
+                Some(_) if items.len() >= MAX_LISTED => {
+                    eprintln!("only the first {} are shown", items.len());
+                    return Ok(items);
+                }
                 Some(next) => cursor = Some(next.to_owned()),
                 None => return Ok(items),
             }

@@ -347,3 +347,28 @@ async fn admin_fails(gateway: &TestGateway, args: &[&str]) -> String {
     assert!(ran.stderr.starts_with("error: "), "{}", ran.stderr);
     ran.stderr
 }
+
+/// Lists stop at 1,000 items (a webhook may have millions of deliveries),
+/// and say so on stderr.
+#[tokio::test]
+async fn long_lists_are_cut_at_a_thousand() {
+    let world = World::new().await;
+    let gateway = &world.gateway;
+    let mut creates = tokio::task::JoinSet::new();
+    for i in 0..1050 {
+        let request = gateway
+            .request(reqwest::Method::POST, "/v1/apps")
+            .json(&json!({ "name": format!("app {i}") }));
+        creates.spawn(async move { request.send().await.map(|r| r.status()) });
+    }
+    while let Some(created) = creates.join_next().await {
+        assert_eq!(created.unwrap().unwrap(), reqwest::StatusCode::CREATED);
+    }
+    let ran = admin(gateway, &["app", "list", "--json"]).await;
+    assert_eq!(ran.json().as_array().unwrap().len(), 1000);
+    assert!(
+        ran.stderr.contains("only the first 1000 are shown"),
+        "{}",
+        ran.stderr
+    );
+}

@@ -1,7 +1,8 @@
 //! Plugin host benchmark: upload-to-ready (Winch) and optimised (Cranelift)
 //! compile times, load-from-artifact
 //! (ready after restart) times, per-invocation latency of a pass-through
-//! plugin, a JSON-rewriting one (`redact`: parse, change, print) next to
+//! plugin (also built without WASI imports), a JSON-rewriting one
+//! (`redact`: parse, change, print) next to
 //! the same rewrite in native Rust, and an envelope (`cloudevents`),
 //! invocations per second over two threads (and as the gateway runs them:
 //! many tasks on a two-thread runtime), and how fast a runaway plugin
@@ -170,6 +171,23 @@ fn main() {
             },
         );
     }
+    // A guest built for wasm32-unknown-unknown and componentized imports
+    // only the plugin log: what instantiating without WASI costs.
+    let bare = host
+        .compile(
+            &wasmhook_tests::plugin_component_from_core("passthrough"),
+            "passthrough-bare",
+        )
+        .expect("compiles")
+        .ready;
+    measure(
+        "pass-through plugin without WASI imports",
+        args.iterations,
+        || {
+            let out = call(&rt, &host, &bare, &event, "null");
+            std::hint::black_box(out);
+        },
+    );
     // Until Cranelift's code is ready, an upload runs on Winch's.
     let quick_host = PluginHost::new(limits.clone(), 4).expect("plugin host");
     let quick = quick_host

@@ -5,6 +5,7 @@
 //! themselves.
 
 mod apps;
+mod connection;
 mod deliveries;
 mod error;
 mod events;
@@ -81,6 +82,7 @@ pub fn router(state: AppState, serve_api: bool) -> Router {
         .fallback(|| async { ApiError::no_route() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(connection::close_if_body_unread))
         // The answer is logged at debug level, a server error at error level.
         .layer(
             TraceLayer::new_for_http()

@@ -436,3 +436,37 @@ async fn migrate_prepares_the_database_and_may_run_again() {
         "{stderr}"
     );
 }
+
+/// An answer given before the request body was read (here a refused
+/// upload name, and a wrong token) says `Connection: close`, so the client
+/// does not send its next request on a connection the server is closing;
+/// an answer after the body was read keeps the connection.
+#[tokio::test]
+async fn answers_before_the_body_was_read_close_the_connection() {
+    let gateway = spawn_app().await;
+    let big = vec![0u8; 256 * 1024];
+    let refused = gateway
+        .request(Method::POST, "/v1/plugins?name=bad%20name&version=1")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(refused.headers()["connection"], "close");
+    let unauthorized = gateway
+        .request_as("wrong", Method::POST, "/v1/apps")
+        .json(&json!({"name": "x".repeat(100_000)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(unauthorized.headers()["connection"], "close");
+    let created = gateway
+        .request(Method::POST, "/v1/apps")
+        .json(&json!({"name": "read"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    assert!(created.headers().get("connection").is_none());
+}

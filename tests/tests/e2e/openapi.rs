@@ -136,8 +136,11 @@ async fn schemathesis_finds_no_failure() {
             "40",
             "--seed",
             "20261129",
+            // One worker: with two, Schemathesis 4.32.5 once crashed
+            // inside its own generator (a KeyError in a shared cache) on a
+            // CI machine, which reads as a failed run.
             "--workers",
-            "2",
+            "1",
         ])
         .output();
     let output = tokio::time::timeout(Duration::from_secs(600), run)

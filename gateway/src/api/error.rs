@@ -3,7 +3,7 @@
 //! bad input is always a 4xx that names what is wrong.
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -81,13 +81,28 @@ impl ApiError {
         )
     }
 
-    /// Valid JSON of the wrong shape: not an object, a missing or unknown
-    /// field, a wrong type. serde's message names the field.
+    /// Valid JSON of the wrong shape: here, not an object.
     pub fn invalid_body(message: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",
             format!("the JSON body does not fit: {message}"),
+        )
+    }
+
+    /// The body could not be read: too large, or the client went away.
+    pub fn from_body_rejection(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "request body is larger than the limit",
+            );
+        }
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            rejection.body_text(),
         )
     }
 

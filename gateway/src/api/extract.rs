@@ -1,11 +1,13 @@
 //! Request extractors: JSON, query and path extractors whose rejections are
 //! our JSON errors, the authenticated caller, and list pagination.
 
+use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::HeaderMap;
+use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
@@ -15,7 +17,7 @@ use crate::store::{App, PageRequest};
 
 /// A JSON object body. serde would also build a struct from a JSON array
 /// (`[null, null]` as an empty patch); every body of this API is an
-/// object, so anything else is refused before parsing.
+/// object, so anything else is refused. The body is parsed once.
 pub struct ApiJson<T>(pub T);
 
 impl<T, S> FromRequest<S> for ApiJson<T>
@@ -26,17 +28,39 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        // axum's extractor checks the content type and the size limit.
-        let axum::Json(body) = axum::Json::<Box<RawValue>>::from_request(request, state).await?;
-        if !body.get().starts_with('{') {
+        if !is_json(request.headers()) {
+            return Err(ApiError::unsupported_media_type(
+                "expected a request with `Content-Type: application/json`",
+            ));
+        }
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(ApiError::from_body_rejection)?;
+        let first = body.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            // Broken JSON stays a syntax error; only valid non-objects are
+            // refused for their shape.
+            let _ = axum::Json::<IgnoredAny>::from_bytes(&body)?;
             return Err(ApiError::invalid_body("the body must be a JSON object"));
         }
-        // The error names the field at fault: `url: invalid type: ...`.
-        let mut parser = serde_json::Deserializer::from_str(body.get());
-        let value =
-            serde_path_to_error::deserialize(&mut parser).map_err(ApiError::invalid_body)?;
+        let axum::Json(value) = axum::Json::from_bytes(&body)?;
         Ok(Self(value))
     }
+}
+
+/// `application/json` or a `+json` type, parameters ignored.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 #[derive(FromRequestParts)]

@@ -292,6 +292,10 @@ fn engine_config(limits: &PluginLimits, concurrency: usize) -> Config {
         .epoch_interruption(true)
         .max_wasm_stack(limits.max_stack_bytes)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    // Names plugin code in `perf` profiles (/tmp/perf-<pid>.map).
+    if std::env::var_os("WASMHOOK_PLUGIN_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     config
 }
 

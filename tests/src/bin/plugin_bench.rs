@@ -23,6 +23,10 @@ struct Args {
     /// Seconds of the two-thread throughput run.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
+    /// Only call this plugin (passthrough, redact or cloudevents) in a
+    /// loop: a steady workload to profile with `perf`.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 fn event() -> PluginEvent {
@@ -118,6 +122,9 @@ fn main() {
         event.payload.len()
     );
 
+    if let Some(name) = &args.only {
+        return profile_one(&host, &rt, name, &event, args.iterations);
+    }
     let mut compiled = Vec::new();
     for name in ["passthrough", "redact", "cloudevents"] {
         let wasm = plugin_wasm(name);
@@ -264,6 +271,31 @@ fn main() {
         "runaway plugin stopped after",
         worst.as_secs_f64() * 1e3,
         limits.deadline.as_millis()
+    );
+}
+
+fn profile_one(
+    host: &PluginHost,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    event: &PluginEvent,
+    iterations: usize,
+) {
+    let config = if name == "redact" {
+        REWRITE_CONFIG
+    } else {
+        "null"
+    };
+    let plugin = host
+        .compile(&plugin_wasm(name), name)
+        .expect("compiles")
+        .ready;
+    measure(
+        &format!("{name}, fresh instance + call"),
+        iterations,
+        || {
+            std::hint::black_box(call(rt, host, &plugin, event, config));
+        },
     );
 }
 

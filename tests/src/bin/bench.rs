@@ -198,7 +198,8 @@ async fn main() -> anyhow::Result<()> {
     }
     report_duplicates(&receiver, expected);
     if args.plugin.is_some() {
-        report_plugin_time(&gateway).await?;
+        let processes: Vec<&TestGateway> = std::iter::once(&gateway).chain(&workers).collect();
+        report_plugin_time(&processes).await?;
     }
     for (label, process) in
         std::iter::once(("gateway", &gateway)).chain(workers.iter().map(|w| ("worker", w)))
@@ -356,26 +357,30 @@ fn report_receipt_latency(receiver: &Receiver, published: &[Published]) {
 }
 
 /// The gateway's own measure of its plugin invocations (fresh instance,
-/// call, checks), wall clock on a busy machine, from `/metrics`.
-async fn report_plugin_time(gateway: &TestGateway) -> anyhow::Result<()> {
-    let metrics = gateway
-        .client
-        .get(format!("{}/metrics", gateway.base_url))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let read = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .with_context(|| format!("{name} is not in /metrics"))
-    };
-    let sum = read("wasmhook_plugin_duration_seconds_sum")?;
-    let count = read("wasmhook_plugin_duration_seconds_count")?;
+/// call, checks), wall clock on a busy machine, from the `/metrics` of
+/// every process (worker processes run the plugins when there are some).
+async fn report_plugin_time(processes: &[&TestGateway]) -> anyhow::Result<()> {
+    let (mut sum, mut count) = (0.0, 0.0);
+    for process in processes {
+        let metrics = process
+            .client
+            .get(format!("{}/metrics", process.base_url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let read = |name: &str| {
+            metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        sum += read("wasmhook_plugin_duration_seconds_sum");
+        count += read("wasmhook_plugin_duration_seconds_count");
+    }
     println!(
         "plugin time in the gateway {:>10.1} µs per invocation, mean of {count}",
-        sum * 1e6 / count.max(1.0)
+        sum * 1e6 / f64::max(count, 1.0)
     );
     Ok(())
 }

@@ -349,6 +349,40 @@ async fn hostile_plugins_fail_their_attempt_and_others_keep_flowing() {
         .await;
 }
 
+/// Plugins of one claimed batch run back to back on one task; a runaway
+/// among them yields at every epoch tick, so the others are delivered
+/// long before its deadline.
+#[tokio::test]
+async fn a_runaway_plugin_does_not_hold_up_the_plugins_of_its_batch() {
+    let deadline = Duration::from_secs(3);
+    let gateway = GatewayBuilder::default()
+        .env("WASMHOOK_RETRY_SCHEDULE", "1h")
+        .env("WASMHOOK_PLUGIN_DEADLINE", "3s")
+        .spawn()
+        .await;
+    let world = World::with(gateway).await;
+    let hostile = world.gateway.plugin("hostile").await;
+    let passthrough = world.gateway.plugin("passthrough").await;
+    for i in 0..3 {
+        let plugin = json!({"plugin": {"id": hostile, "config": {"mode": "loop"}}});
+        world.webhook(&format!("/runaway/{i}"), plugin).await;
+    }
+    let plugin = json!({"plugin": {"id": passthrough, "config": null}});
+    world.webhook("/healthy", plugin).await;
+    world.gateway.wait_for_optimised_plugins(PATIENCE).await;
+
+    let published = std::time::Instant::now();
+    let accepted = world.publish("order.created", json!({"n": 1})).await;
+    assert_eq!(accepted["deliveries"].as_array().unwrap().len(), 4);
+    let got = world.wait_for(1, PATIENCE).await;
+    assert_eq!(got[0].path, "/healthy");
+    let waited = got[0].at - published;
+    assert!(
+        waited < deadline / 2,
+        "the healthy plugin's delivery waited {waited:?} behind runaways with a {deadline:?} deadline"
+    );
+}
+
 /// A guest built for `wasm32-unknown-unknown` and componentized imports
 /// only the plugin log: smaller, and accepted like any other.
 #[tokio::test]

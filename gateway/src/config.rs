@@ -8,6 +8,7 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
 use ipnet::IpNet;
 
+use crate::domain::InFlightLimit;
 use crate::plugin::PluginLimits;
 use crate::url_safety::UrlPolicy;
 
@@ -65,6 +66,12 @@ pub struct Settings {
     /// Deliveries sent at once by this process.
     #[arg(long, env = "WASMHOOK_WORKER_CONCURRENCY", default_value_t = 128)]
     pub worker_concurrency: usize,
+
+    /// Attempts in flight at once to one webhook, across every process,
+    /// for webhooks that set no `max_in_flight` of their own: a slow
+    /// endpoint holds at most this many of the workers' slots.
+    #[arg(long, env = "WASMHOOK_MAX_IN_FLIGHT", default_value = "32", value_parser = parse_in_flight_limit)]
+    pub max_in_flight: InFlightLimit,
 
     /// Most deliveries claimed, or attempt results written, in one
     /// transaction.
@@ -201,4 +208,12 @@ impl Settings {
 /// Parses `250ms`, `5s`, `30m`, `2h`, `5d` and combinations such as `1h30m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|e| format!("`{text}` is not a duration: {e}"))
+}
+
+fn parse_in_flight_limit(text: &str) -> Result<InFlightLimit, String> {
+    let n: u64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number"))?;
+    InFlightLimit::parse(n)
 }

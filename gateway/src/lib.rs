@@ -7,10 +7,12 @@
 //! ([`url_safety`]), retrying with backoff ([`delivery`]). [`server`] wires
 //! these together and runs them until shutdown; [`telemetry`] reports
 //! what happens as logs and metrics, and [`retention`] deletes old
-//! history.
+//! history. The records all of them exchange live in [`domain`], the
+//! stored time and its text in [`clock`].
 
 pub mod api;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod domain;

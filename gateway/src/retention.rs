@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Millis, Store, now_ms};
+use crate::clock::{millis, now_ms};
+use crate::store::Store;
 use crate::telemetry;
 
 /// Events deleted per transaction: small enough that publishes and
@@ -37,7 +38,7 @@ impl Retention {
 
     /// Deletes batch after batch until nothing old is left (or shutdown).
     async fn sweep(&self, shutdown: &CancellationToken) {
-        let cutoff = now_ms() - self.keep.as_millis() as Millis;
+        let cutoff = now_ms() - millis(self.keep);
         let mut deleted = 0;
         while !shutdown.is_cancelled() {
             match self.store.purge_events(cutoff, BATCH).await {

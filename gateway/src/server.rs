@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rand::RngCore;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -60,9 +60,8 @@ impl Gateway {
             "store open"
         );
         let (admin_token_hash, generated_admin_token) = admin_token(&store, settings).await?;
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|e| StartError::Listen(settings.listen, e))?;
+        let listener =
+            listen(settings.listen).map_err(|e| StartError::Listen(settings.listen, e))?;
         let policy = settings.url_policy();
         let wake = Arc::new(Notify::new());
         let host = PluginHost::new(settings.plugin_limits(), settings.plugin_concurrency())?;
@@ -93,6 +92,7 @@ impl Gateway {
             lease: settings.lease,
             poll_interval: settings.poll_interval,
             shutdown_grace: settings.shutdown_grace,
+            default_max_in_flight: settings.max_in_flight,
         };
         let retention = Retention {
             store: store.clone(),
@@ -171,4 +171,22 @@ async fn admin_token(
         .await?;
     let generated = (stored == token_hash(&token)).then_some(token);
     Ok((stored, generated))
+}
+
+/// Connections the kernel holds for us while the accept loop is busy
+/// (capped by `net.core.somaxconn`): tokio's default is 1,024, and a test
+/// opening 1,050 connections at once once saw one reset.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restart may bind while the old
+    // process's connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

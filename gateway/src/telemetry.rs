@@ -13,7 +13,8 @@ use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gau
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-use crate::store::{AttemptRecord, Millis, NextState, QueueStats};
+use crate::clock::Millis;
+use crate::domain::{AttemptOutcome, AttemptRecord, NextState, QueueStats};
 
 const EVENTS_ACCEPTED: &str = "wasmhook_events_accepted_total";
 const DELIVERIES_FINISHED: &str = "wasmhook_deliveries_finished_total";
@@ -26,6 +27,8 @@ const QUEUE_DUE: &str = "wasmhook_queue_due";
 const QUEUE_IN_FLIGHT: &str = "wasmhook_queue_in_flight";
 const QUEUE_OLDEST_DUE_AGE: &str = "wasmhook_queue_oldest_due_age_seconds";
 const RETENTION_DELETED: &str = "wasmhook_retention_deleted_events_total";
+const SQLITE_COMMITS: &str = "wasmhook_sqlite_commits_total";
+const SQLITE_COMMITTED_WRITES: &str = "wasmhook_sqlite_committed_writes_total";
 
 /// Receivers answer in milliseconds to tens of seconds.
 const ATTEMPT_BUCKETS: &[f64] = &[
@@ -148,6 +151,14 @@ fn describe() {
         RETENTION_DELETED,
         "Events deleted by retention, with their deliveries and attempts."
     );
+    describe_counter!(
+        SQLITE_COMMITS,
+        "Transactions the SQLite writer committed, by durability (durable: fsynced)."
+    );
+    describe_counter!(
+        SQLITE_COMMITTED_WRITES,
+        "Writes the SQLite writer committed; over its commits, the writes each commit carried."
+    );
 }
 
 pub fn event_accepted() {
@@ -160,7 +171,7 @@ pub fn attempt_recorded(record: &AttemptRecord) {
     if let Some(attempt) = &record.attempt {
         let outcome = outcome_label(attempt.outcome, attempt.status_code);
         counter!(ATTEMPTS, "outcome" => outcome).increment(1);
-        if reached_network(attempt.outcome) {
+        if attempt.outcome.reached_network() {
             let seconds = attempt.duration_ms as f64 / 1000.0;
             histogram!(ATTEMPT_DURATION).record(seconds);
         }
@@ -189,23 +200,26 @@ pub fn retention_deleted(events: u64) {
     counter!(RETENTION_DELETED).increment(events);
 }
 
-/// The outcome label: HTTP answers by class, everything else by kind.
-fn outcome_label(outcome: &str, status_code: Option<i64>) -> &'static str {
-    match (outcome, status_code) {
-        ("success", _) => "2xx",
-        ("http_error", Some(400..=499)) => "4xx",
-        ("http_error", Some(500..=599)) => "5xx",
-        ("http_error", _) => "other_status",
-        ("timeout", _) => "timeout",
-        ("connection_error", _) => "connection_error",
-        ("plugin", _) => "plugin_error",
-        ("skipped", _) => "skipped",
-        _ => "refused",
-    }
+/// One SQLite group commit of `writes` writes.
+pub fn sqlite_committed(writes: usize, durable: bool) {
+    let durability = if durable { "durable" } else { "relaxed" };
+    counter!(SQLITE_COMMITS, "durability" => durability).increment(1);
+    counter!(SQLITE_COMMITTED_WRITES).increment(writes as u64);
 }
 
-fn reached_network(outcome: &str) -> bool {
-    matches!(outcome, "success" | "http_error" | "timeout")
+/// The outcome label: HTTP answers by class, everything else by kind.
+fn outcome_label(outcome: AttemptOutcome, status_code: Option<i64>) -> &'static str {
+    match (outcome, status_code) {
+        (AttemptOutcome::Success, _) => "2xx",
+        (AttemptOutcome::HttpError, Some(400..=499)) => "4xx",
+        (AttemptOutcome::HttpError, Some(500..=599)) => "5xx",
+        (AttemptOutcome::HttpError, _) => "other_status",
+        (AttemptOutcome::Timeout, _) => "timeout",
+        (AttemptOutcome::Connection, _) => "connection_error",
+        (AttemptOutcome::Plugin, _) => "plugin_error",
+        (AttemptOutcome::Skipped, _) => "skipped",
+        (AttemptOutcome::UnsafeTarget | AttemptOutcome::InvalidWebhook, _) => "refused",
+    }
 }
 
 #[cfg(test)]
@@ -214,13 +228,14 @@ mod tests {
 
     #[test]
     fn outcomes_are_labelled_by_class() {
-        assert_eq!(outcome_label("success", Some(204)), "2xx");
-        assert_eq!(outcome_label("http_error", Some(404)), "4xx");
-        assert_eq!(outcome_label("http_error", Some(503)), "5xx");
-        assert_eq!(outcome_label("http_error", Some(302)), "other_status");
-        assert_eq!(outcome_label("timeout", None), "timeout");
-        assert_eq!(outcome_label("connection_error", None), "connection_error");
-        assert_eq!(outcome_label("plugin", None), "plugin_error");
-        assert_eq!(outcome_label("unsafe_target", None), "refused");
+        use AttemptOutcome::*;
+        assert_eq!(outcome_label(Success, Some(204)), "2xx");
+        assert_eq!(outcome_label(HttpError, Some(404)), "4xx");
+        assert_eq!(outcome_label(HttpError, Some(503)), "5xx");
+        assert_eq!(outcome_label(HttpError, Some(302)), "other_status");
+        assert_eq!(outcome_label(Timeout, None), "timeout");
+        assert_eq!(outcome_label(Connection, None), "connection_error");
+        assert_eq!(outcome_label(Plugin, None), "plugin_error");
+        assert_eq!(outcome_label(UnsafeTarget, None), "refused");
     }
 }

@@ -16,7 +16,7 @@
 //!     Ok(Outcome::deliver_json(&json!({
 //!         "kind": format!("{prefix}:{}", event.event_type),
 //!         "body": payload,
-//!     }))
+//!     }))?
 //!     .header("x-source", "wasmhook"))
 //! }
 //! wasmhook_sdk::export!(transform);
@@ -151,13 +151,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn deliver_json(value: &impl Serialize) -> Self {
-        let body = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
-        Self::Deliver(Delivery {
+    /// Delivers `value` as a JSON body. A value that cannot be written as
+    /// JSON (a map with non-string keys, a failing `Serialize`) is an
+    /// error, so the attempt fails instead of sending something else.
+    pub fn deliver_json(value: &impl Serialize) -> Result<Self, Error> {
+        let body = serde_json::to_vec(value)?;
+        Ok(Self::Deliver(Delivery {
             body,
             content_type: Some("application/json".into()),
             headers: Vec::new(),
-        })
+        }))
     }
 
     pub fn deliver_bytes(body: impl Into<Vec<u8>>) -> Self {
@@ -201,6 +204,10 @@ impl Outcome {
 }
 
 /// A plugin error: the attempt fails with this message and nothing is sent.
+///
+/// Any error type converts into it (its message is kept), and so do
+/// `String` and `&str`, so `?` works on whatever a plugin calls. It is not
+/// itself a `std::error::Error`, which is what lets that conversion exist.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Error(String);
 
@@ -216,21 +223,12 @@ impl std::fmt::Display for Error {
     }
 }
 
-impl From<serde_json::Error> for Error {
-    fn from(error: serde_json::Error) -> Self {
-        Self(error.to_string())
-    }
-}
-
-impl From<String> for Error {
-    fn from(message: String) -> Self {
-        Self(message)
-    }
-}
-
-impl From<&str> for Error {
-    fn from(message: &str) -> Self {
-        Self(message.to_owned())
+impl<E> From<E> for Error
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn from(error: E) -> Self {
+        Self(error.into().to_string())
     }
 }
 
@@ -341,5 +339,32 @@ pub mod guest {
                 headers: d.headers,
             })),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_error_converts_with_question_mark() {
+        fn parse(text: &str) -> Result<i32, Error> {
+            Ok(text.parse::<i32>()?)
+        }
+        assert_eq!(parse("42"), Ok(42));
+        assert_eq!(parse("x"), Err(Error::new("invalid digit found in string")));
+        let from_text: Error = "plain".into();
+        assert_eq!(from_text.to_string(), "plain");
+        let from_io: Error = std::io::Error::other("disk gone").into();
+        assert_eq!(from_io.to_string(), "disk gone");
+    }
+
+    #[test]
+    fn json_that_cannot_be_written_is_an_error() {
+        let mut map = std::collections::HashMap::new();
+        map.insert((1, 2), "tuple keys are not JSON");
+        assert!(Outcome::deliver_json(&map).is_err());
+        let out = Outcome::deliver_json(&json!({"ok": true})).unwrap();
+        assert_eq!(out.body_json(), Some(json!({"ok": true})));
     }
 }

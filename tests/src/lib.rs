@@ -1,9 +1,11 @@
 //! Test harness for black-box tests and the benchmark: spawns the real
 //! `wasmhook` binary on a random port with a fresh SQLite file
 //! ([`TestGateway`]), and runs real HTTP receivers on 127.0.0.1
-//! ([`Receiver`]) that record what they get and answer as scripted.
+//! ([`Receiver`]) that record what they get and answer as scripted, and
+//! sets up two tenants side by side ([`neighbour`]).
 
 mod gateway;
+pub mod neighbour;
 mod receiver;
 
 pub use gateway::{

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,26 @@ struct Inner {
     script: Mutex<VecDeque<Reply>>,
     default_reply: Mutex<Option<Reply>>,
     arrived: Notify,
+    /// Requests being answered now, and the most there were at once.
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
+}
+
+/// Counts one request as in flight for as long as it lives.
+struct InFlight<'a>(&'a Inner);
+
+impl<'a> InFlight<'a> {
+    fn enter(inner: &'a Inner) -> Self {
+        let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        inner.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(inner)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Clone)]
@@ -113,6 +134,11 @@ impl Receiver {
         self.inner.received.lock().unwrap().clone()
     }
 
+    /// The most requests this receiver was answering at one moment.
+    pub fn most_at_once(&self) -> usize {
+        self.inner.most_in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn count(&self) -> usize {
         self.inner.received.lock().unwrap().len()
     }
@@ -146,6 +172,7 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let _in_flight = InFlight::enter(&inner);
     let reply = {
         let scripted = inner.script.lock().unwrap().pop_front();
         scripted.or_else(|| inner.default_reply.lock().unwrap().clone())

@@ -14,8 +14,8 @@ use super::extract::{
     ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page, double_option, token_hash,
 };
 use super::openapi::ErrorResponses;
-use crate::delivery::message::rfc3339;
-use crate::store::App;
+use crate::clock::rfc3339;
+use crate::domain::{App, KeyId};
 
 const MAX_NAME_LEN: usize = 256;
 
@@ -31,7 +31,7 @@ pub struct AppView {
 impl From<App> for AppView {
     fn from(app: App) -> Self {
         Self {
-            id: app.id,
+            id: app.id.into(),
             uid: app.uid,
             name: app.name,
             created_at: rfc3339(app.created_at),
@@ -136,7 +136,7 @@ pub async fn list(
     Ok(Json(Page::new(
         apps,
         &page,
-        |a| a.id.clone(),
+        |a| a.id.to_string(),
         AppView::from,
     )))
 }
@@ -232,8 +232,8 @@ pub async fn create_key(
     Ok((
         StatusCode::CREATED,
         Json(KeyCreated {
-            id,
-            app_id: app.id,
+            id: id.into(),
+            app_id: app.id.into(),
             key,
         }),
     ))
@@ -258,7 +258,7 @@ pub struct KeyCreated {
 pub async fn delete_key(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiPath((app, id)): ApiPath<(String, KeyId)>,
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     let app = caller.app(&state, &app).await?;

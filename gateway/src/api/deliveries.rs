@@ -9,8 +9,8 @@ use super::AppState;
 use super::error::{ApiError, ApiResult, OrNotFound};
 use super::extract::{ApiPath, ApiQuery, Caller, ListQuery, Page};
 use super::openapi::ErrorResponses;
-use crate::delivery::message::rfc3339;
-use crate::store::{Attempt, Delivery, DeliveryStatus};
+use crate::clock::rfc3339;
+use crate::domain::{Attempt, Delivery, DeliveryId, DeliveryStatus, EventId, WebhookId};
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeliveryView {
@@ -35,14 +35,13 @@ pub struct DeliveryView {
 
 impl From<Delivery> for DeliveryView {
     fn from(d: Delivery) -> Self {
-        let waiting = d.status == "pending" || d.status == "failed";
         Self {
-            next_attempt_at: d.due_at.filter(|_| waiting).map(rfc3339),
-            id: d.id,
-            app_id: d.app_id,
-            event_id: d.event_id,
-            webhook_id: d.webhook_id,
-            status: d.status,
+            next_attempt_at: d.due_at.filter(|_| d.status.is_waiting()).map(rfc3339),
+            id: d.id.into(),
+            app_id: d.app_id.into(),
+            event_id: d.event_id.into(),
+            webhook_id: d.webhook_id.into(),
+            status: d.status.to_string(),
             attempt_count: d.attempts,
             last_attempt_at: d.last_attempt_at.map(rfc3339),
             last_status_code: d.last_status_code,
@@ -73,15 +72,15 @@ pub struct AttemptView {
 impl From<Attempt> for AttemptView {
     fn from(a: Attempt) -> Self {
         Self {
-            id: a.id,
+            id: a.id.into(),
             attempt: a.attempt,
             started_at: rfc3339(a.started_at),
             duration_ms: a.duration_ms,
-            outcome: a.outcome,
+            outcome: a.outcome.to_string(),
             status_code: a.status_code,
             response_body: a.response_body,
             error: a.error,
-            plugin_error: a.plugin_error,
+            plugin_error: a.plugin_error.map(|p| p.to_string()),
         }
     }
 }
@@ -110,7 +109,7 @@ pub struct WebhookDeliveriesQuery {
 pub async fn for_event(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiPath((app, id)): ApiPath<(String, EventId)>,
 ) -> ApiResult<Json<Vec<DeliveryView>>> {
     let app = caller.app(&state, &app).await?;
     if state.store.event(&app.id, &id).await?.is_none() {
@@ -132,7 +131,7 @@ pub async fn for_event(
 pub async fn for_webhook(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiPath((app, id)): ApiPath<(String, WebhookId)>,
     ApiQuery(query): ApiQuery<WebhookDeliveriesQuery>,
 ) -> ApiResult<Json<Page<DeliveryView>>> {
     let app = caller.app(&state, &app).await?;
@@ -157,7 +156,7 @@ pub async fn for_webhook(
     Ok(Json(Page::new(
         deliveries,
         &page,
-        |d| d.id.clone(),
+        |d| d.id.to_string(),
         DeliveryView::from,
     )))
 }
@@ -172,7 +171,7 @@ pub async fn for_webhook(
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiPath((app, id)): ApiPath<(String, DeliveryId)>,
 ) -> ApiResult<Json<DeliveryView>> {
     let app = caller.app(&state, &app).await?;
     let delivery = state
@@ -198,7 +197,7 @@ pub async fn show(
 pub async fn retry(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiPath((app, id)): ApiPath<(String, DeliveryId)>,
 ) -> ApiResult<Json<DeliveryView>> {
     let app = caller.app(&state, &app).await?;
     let delivery = state

@@ -61,7 +61,7 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
-    pub fn not_found(what: &str, id: &str) -> Self {
+    pub fn not_found(what: &str, id: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -106,7 +106,7 @@ impl ApiError {
         )
     }
 
-    pub fn conflict(message: impl Into<String>) -> Self {
+    fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
     }
 
@@ -170,25 +170,45 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// What the store said, told to the user: each conflict is worded here,
+/// once, with what the caller can do about it.
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::Conflict(message) => Self::conflict(message),
             StoreError::NotFound => {
                 Self::new(StatusCode::NOT_FOUND, "not_found", "no such resource")
             }
-            other => Self::internal(other),
+            StoreError::UidTaken => Self::conflict("an app with this uid already exists"),
+            StoreError::PluginInUse { webhooks } => Self::conflict(format!(
+                "{webhooks} webhook(s) use this plugin; detach it first (PATCH the webhook with \"plugin\": null)"
+            )),
+            StoreError::PluginVersionExists { name, version } => Self::conflict(format!(
+                "{name} {version} already exists with other content; plugin versions are immutable, upload a new version"
+            )),
+            StoreError::PluginMissing => Self::conflict("plugin: no such plugin"),
+            StoreError::EventIdReused { id } => Self::conflict(format!(
+                "event id `{id}` was used by an earlier event; choose a new id"
+            )),
+            StoreError::DeliveryInFlight => Self::conflict(
+                "the delivery is being sent right now; retry after this attempt ends",
+            ),
+            other @ (StoreError::Sqlite(_)
+            | StoreError::Postgres(_)
+            | StoreError::Open(_)
+            | StoreError::Commit(_)
+            | StoreError::WriterGone
+            | StoreError::Corrupt(_)) => Self::internal(other),
         }
     }
 }
 
 /// Names what was not found when the store says "not found".
 pub trait OrNotFound<T> {
-    fn or_not_found(self, what: &str, id: &str) -> ApiResult<T>;
+    fn or_not_found(self, what: &str, id: impl std::fmt::Display) -> ApiResult<T>;
 }
 
 impl<T> OrNotFound<T> for Result<T, StoreError> {
-    fn or_not_found(self, what: &str, id: &str) -> ApiResult<T> {
+    fn or_not_found(self, what: &str, id: impl std::fmt::Display) -> ApiResult<T> {
         self.map_err(|error| match error {
             StoreError::NotFound => ApiError::not_found(what, id),
             other => other.into(),

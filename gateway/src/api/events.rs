@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
@@ -11,9 +11,8 @@ use super::AppState;
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, Caller};
 use super::openapi::ErrorResponses;
-use crate::delivery::message::rfc3339;
-use crate::domain::{EventType, parse_event_id};
-use crate::store::{NewEvent, new_id, now_ms};
+use crate::clock::{millis, now_ms, rfc3339};
+use crate::domain::{EventId, EventType, NewEvent, parse_event_id};
 
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
@@ -85,15 +84,15 @@ pub async fn publish(
     }
     let id = match &body.id {
         Some(id) => parse_event_id(id).map_err(|e| ApiError::invalid("id", e))?,
-        None => new_id("msg"),
+        None => EventId::new(),
     };
     let event = NewEvent {
         app_id: app.id,
         id,
-        event_type: event_type.as_str().to_owned(),
+        event_type,
         payload: payload.to_owned(),
         idempotency_key: idempotency_key(&headers)?,
-        dedup_since: now_ms() - state.limits.idempotency_window.as_millis() as i64,
+        dedup_since: now_ms() - millis(state.limits.idempotency_window),
     };
     let published = state.store.publish(event).await?;
     if !published.replayed {
@@ -104,18 +103,18 @@ pub async fn publish(
     }
     let mut response_headers = HeaderMap::new();
     if published.replayed {
-        response_headers.insert(
-            "idempotent-replayed",
-            "true".parse().expect("static header value"),
-        );
+        response_headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     let deliveries = published
         .deliveries
         .into_iter()
-        .map(|(id, webhook_id)| Queued { id, webhook_id })
+        .map(|queued| Queued {
+            id: queued.id.into(),
+            webhook_id: queued.webhook_id.into(),
+        })
         .collect();
     let accepted = Accepted {
-        id: published.event_id,
+        id: published.event_id.into(),
         deliveries,
     };
     Ok((StatusCode::ACCEPTED, response_headers, Json(accepted)))
@@ -141,7 +140,7 @@ pub struct EventView {
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiPath((app, id)): ApiPath<(String, EventId)>,
 ) -> ApiResult<Json<EventView>> {
     let app = caller.app(&state, &app).await?;
     let event = state
@@ -151,8 +150,8 @@ pub async fn show(
         .ok_or_else(|| ApiError::not_found("event", &id))?;
     let payload = RawValue::from_string(event.payload).map_err(ApiError::corrupt)?;
     Ok(Json(EventView {
-        id: event.id,
-        app_id: event.app_id,
+        id: event.id.into(),
+        app_id: event.app_id.into(),
         event_type: event.event_type,
         payload,
         created_at: rfc3339(event.created_at),

@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ApiResult};
-use crate::store::{App, PageRequest};
+use crate::domain::{App, PageRequest};
 
 /// A JSON object body. serde would also build a struct from a JSON array
 /// (`[null, null]` as an empty patch); every body of this API is an
@@ -126,7 +126,7 @@ impl Caller {
     /// whether or not that app exists.
     pub async fn app(&self, state: &AppState, id_or_uid: &str) -> ApiResult<App> {
         match self {
-            Self::App(app) if app.id == id_or_uid || app.uid.as_deref() == Some(id_or_uid) => {
+            Self::App(app) if app.id == *id_or_uid || app.uid.as_deref() == Some(id_or_uid) => {
                 Ok(app.clone())
             }
             Self::App(_) => Err(ApiError::forbidden("this key belongs to another app")),

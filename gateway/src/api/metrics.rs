@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use super::AppState;
 use super::error::{ApiError, ApiResult};
 use super::openapi::ErrorBody;
-use crate::store::now_ms;
+use crate::clock::now_ms;
 
 const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 

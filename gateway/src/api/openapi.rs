@@ -1,5 +1,5 @@
 //! The OpenAPI 3.1 description of the API, generated from the handlers'
-//! annotations: served at `/openapi.json`, with an interactive reference at
+//! annotations: served at `/openapi.json`, with a self-contained reference page at
 //! `/docs`. The router is built from the same annotated routes, so nothing
 //! is served that the document does not describe.
 

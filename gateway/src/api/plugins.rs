@@ -17,10 +17,9 @@ use super::AppState;
 use super::error::{ApiError, ApiResult, OrNotFound};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page};
 use super::openapi::ErrorResponses;
-use crate::delivery::message::rfc3339;
-use crate::domain::EventType;
+use crate::clock::{now_ms, rfc3339};
+use crate::domain::{EventType, NewPlugin, Plugin, PluginId, Upload};
 use crate::plugin::{Decision, Delivered, PluginEvent};
-use crate::store::{NewPlugin, Plugin, now_ms};
 
 const MAX_NAME_LEN: usize = 64;
 
@@ -37,7 +36,7 @@ pub struct PluginView {
 impl From<Plugin> for PluginView {
     fn from(p: Plugin) -> Self {
         Self {
-            id: p.id,
+            id: p.id.into(),
             name: p.name,
             version: p.version,
             sha256: p.sha256,
@@ -152,16 +151,15 @@ pub async fn upload(
         wasm,
     };
     let wasm = new.wasm.clone();
-    let (plugin, created) = state.store.create_plugin(new).await?;
-    if created {
-        state
-            .plugins
-            .optimize_in_background(plugin.sha256.clone(), wasm);
-    }
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
+    let (plugin, upload) = state.store.create_plugin(new).await?;
+    let status = match upload {
+        Upload::Created => {
+            state
+                .plugins
+                .optimize_in_background(plugin.sha256.clone(), wasm);
+            StatusCode::CREATED
+        }
+        Upload::AlreadyStored => StatusCode::OK,
     };
     Ok((status, Json(plugin.into())))
 }
@@ -207,12 +205,12 @@ pub async fn list(
     Ok(Json(Page::new(
         plugins,
         &page,
-        |p| p.id.clone(),
+        |p| p.id.to_string(),
         PluginView::from,
     )))
 }
 
-async fn find(state: &AppState, id: &str) -> ApiResult<Plugin> {
+async fn find(state: &AppState, id: &PluginId) -> ApiResult<Plugin> {
     state
         .store
         .plugin(id)
@@ -230,7 +228,7 @@ async fn find(state: &AppState, id: &str) -> ApiResult<Plugin> {
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath(id): ApiPath<String>,
+    ApiPath(id): ApiPath<PluginId>,
 ) -> ApiResult<Json<PluginView>> {
     caller.require_admin()?;
     Ok(Json(find(&state, &id).await?.into()))
@@ -246,7 +244,7 @@ pub async fn show(
 pub async fn remove(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath(id): ApiPath<String>,
+    ApiPath(id): ApiPath<PluginId>,
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     state
@@ -281,7 +279,7 @@ pub struct TestRequest {
 pub async fn test(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath(id): ApiPath<String>,
+    ApiPath(id): ApiPath<PluginId>,
     ApiJson(body): ApiJson<TestRequest>,
 ) -> ApiResult<Json<Value>> {
     caller.require_admin()?;
@@ -304,7 +302,13 @@ pub async fn test(
         timestamp: rfc3339(now_ms()),
         payload: body.payload.get().to_owned(),
     };
-    let invocation = state.plugins.host.run(&ready, event, config).await;
+    // Every playground run shares one tenant's slots: trying plugins out
+    // never takes the deliveries' share.
+    let invocation = state
+        .plugins
+        .host
+        .run(&ready, event, config, "playground")
+        .await;
     let mut answer = match invocation.result {
         Ok(Decision::Skip(reason)) => json!({ "outcome": "skip", "reason": reason }),
         Ok(Decision::Deliver(Delivered {

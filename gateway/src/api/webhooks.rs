@@ -13,10 +13,12 @@ use super::AppState;
 use super::error::{ApiError, ApiResult, OrNotFound};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page, double_option};
 use super::openapi::ErrorResponses;
-use crate::delivery::message::rfc3339;
-use crate::domain::{CustomHeaders, EventTypeFilter};
+use crate::clock::{millis, now_ms, rfc3339};
+use crate::domain::{
+    AppId, AttachedPlugin, CustomHeaders, EventTypeFilter, InFlightLimit, PluginId, Webhook,
+    WebhookFields, WebhookId,
+};
 use crate::signing::Secret;
-use crate::store::{AttachedPlugin, Webhook, WebhookFields, now_ms};
 
 const MAX_DESCRIPTION_LEN: usize = 1024;
 const MAX_PLUGIN_CONFIG_LEN: usize = 64 * 1024;
@@ -32,6 +34,9 @@ pub struct WebhookView {
     disabled_reason: Option<String>,
     headers: BTreeMap<String, String>,
     raw_payload: bool,
+    /// Attempts in flight at once to this webhook; null: the server's
+    /// default (`WASMHOOK_MAX_IN_FLIGHT`).
+    max_in_flight: Option<u32>,
     secret_masked: String,
     /// `{id, config}` of the attached plugin, or null.
     #[schema(value_type = Option<PluginAttachment>)]
@@ -44,18 +49,18 @@ impl TryFrom<Webhook> for WebhookView {
     type Error = ApiError;
 
     fn try_from(w: Webhook) -> ApiResult<Self> {
-        let (filter, headers) = stored_settings(&w)?;
         let secret = Secret::parse(&w.secret).map_err(ApiError::corrupt)?;
         Ok(Self {
-            id: w.id,
-            app_id: w.app_id,
+            id: w.id.into(),
+            app_id: w.app_id.into(),
             url: w.url,
             description: w.description,
-            event_types: filter.items().map(<[String]>::to_vec),
+            event_types: w.event_types.items().map(<[String]>::to_vec),
             enabled: w.enabled,
             disabled_reason: w.disabled_reason,
-            headers: headers.as_map().clone(),
+            headers: w.headers.as_map().clone(),
             raw_payload: w.raw_payload,
+            max_in_flight: w.max_in_flight.map(InFlightLimit::get),
             secret_masked: secret.masked(),
             plugin: match &w.plugin {
                 Some(p) => Some(json!({
@@ -70,14 +75,6 @@ impl TryFrom<Webhook> for WebhookView {
     }
 }
 
-/// A stored webhook's event-type filter and custom headers, parsed.
-fn stored_settings(webhook: &Webhook) -> ApiResult<(EventTypeFilter, CustomHeaders)> {
-    let filter =
-        EventTypeFilter::from_stored(webhook.event_types.as_deref()).map_err(ApiError::corrupt)?;
-    let headers = CustomHeaders::from_stored(&webhook.headers).map_err(ApiError::corrupt)?;
-    Ok((filter, headers))
-}
-
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
@@ -87,6 +84,10 @@ pub struct CreateWebhook {
     enabled: Option<bool>,
     headers: Option<BTreeMap<String, String>>,
     raw_payload: Option<bool>,
+    /// Attempts in flight at once to this webhook, across every gateway
+    /// process; omit or null for the server's default.
+    #[schema(minimum = 1, maximum = 10000)]
+    max_in_flight: Option<u32>,
     plugin: Option<PluginAttachment>,
 }
 
@@ -104,7 +105,7 @@ pub struct PluginAttachment {
 impl PluginAttachment {
     fn stored(&self) -> AttachedPlugin {
         AttachedPlugin {
-            id: self.id.clone(),
+            id: PluginId::from(self.id.as_str()),
             config: self.config.to_string(),
         }
     }
@@ -122,6 +123,10 @@ pub struct PatchWebhook {
     enabled: Option<bool>,
     headers: Option<BTreeMap<String, String>>,
     raw_payload: Option<bool>,
+    /// A new in-flight limit, or null for the server's default.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 10000)]
+    max_in_flight: Option<Option<u32>>,
     /// A plugin to attach, or null to detach the current one.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<PluginAttachment>)]
@@ -145,6 +150,11 @@ async fn validate(state: &AppState, fields: Unchecked<'_>) -> ApiResult<WebhookF
         .map_err(|e| ApiError::invalid("event_types", e))?;
     let headers =
         CustomHeaders::parse(fields.headers).map_err(|e| ApiError::invalid("headers", e))?;
+    let max_in_flight = fields
+        .max_in_flight
+        .map(|n| InFlightLimit::parse(u64::from(n)))
+        .transpose()
+        .map_err(|e| ApiError::invalid("max_in_flight", e))?;
     if let Some(plugin) = &fields.plugin {
         if plugin.config.len() > MAX_PLUGIN_CONFIG_LEN {
             return Err(ApiError::invalid(
@@ -165,10 +175,11 @@ async fn validate(state: &AppState, fields: Unchecked<'_>) -> ApiResult<WebhookF
     Ok(WebhookFields {
         url: url.to_string(),
         description: fields.description.to_owned(),
-        event_types: filter.to_stored(),
+        event_types: filter,
         enabled: fields.enabled,
-        headers: headers.to_stored(),
+        headers,
         raw_payload: fields.raw_payload,
+        max_in_flight,
         plugin: fields.plugin,
     })
 }
@@ -181,10 +192,11 @@ struct Unchecked<'a> {
     enabled: bool,
     headers: &'a BTreeMap<String, String>,
     raw_payload: bool,
+    max_in_flight: Option<u32>,
     plugin: Option<AttachedPlugin>,
 }
 
-async fn find(state: &AppState, app_id: &str, id: &str) -> ApiResult<Webhook> {
+async fn find(state: &AppState, app_id: &AppId, id: &WebhookId) -> ApiResult<Webhook> {
     state
         .store
         .webhook(app_id, id)
@@ -218,6 +230,7 @@ pub async fn create(
             enabled: body.enabled.unwrap_or(true),
             headers: body.headers.as_ref().unwrap_or(&no_headers),
             raw_payload: body.raw_payload.unwrap_or(false),
+            max_in_flight: body.max_in_flight,
             plugin: body.plugin.as_ref().map(PluginAttachment::stored),
         },
     )
@@ -267,7 +280,7 @@ pub async fn list(
     let app = caller.app(&state, &app).await?;
     let page = query.page()?;
     let webhooks = state.store.list_webhooks(&app.id, &page).await?;
-    let page = Page::new(webhooks, &page, |w| w.id.clone(), WebhookView::try_from);
+    let page = Page::new(webhooks, &page, |w| w.id.to_string(), WebhookView::try_from);
     let data = page.data.into_iter().collect::<ApiResult<_>>()?;
     Ok(Json(Page {
         data,
@@ -285,7 +298,7 @@ pub async fn list(
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiPath((app, id)): ApiPath<(String, WebhookId)>,
 ) -> ApiResult<Json<WebhookView>> {
     let app = caller.app(&state, &app).await?;
     Ok(Json(find(&state, &app.id, &id).await?.try_into()?))
@@ -302,15 +315,14 @@ pub async fn show(
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiPath((app, id)): ApiPath<(String, WebhookId)>,
     ApiJson(body): ApiJson<PatchWebhook>,
 ) -> ApiResult<Json<WebhookView>> {
     let app = caller.app(&state, &app).await?;
     let current = find(&state, &app.id, &id).await?;
-    let (current_filter, current_headers) = stored_settings(&current)?;
     let event_types = match &body.event_types {
         Some(requested) => requested.as_deref(),
-        None => current_filter.items(),
+        None => current.event_types.items(),
     };
     let fields = validate(
         &state,
@@ -319,8 +331,11 @@ pub async fn update(
             description: body.description.as_deref().unwrap_or(&current.description),
             event_types,
             enabled: body.enabled.unwrap_or(current.enabled),
-            headers: body.headers.as_ref().unwrap_or(current_headers.as_map()),
+            headers: body.headers.as_ref().unwrap_or(current.headers.as_map()),
             raw_payload: body.raw_payload.unwrap_or(current.raw_payload),
+            max_in_flight: body
+                .max_in_flight
+                .unwrap_or(current.max_in_flight.map(InFlightLimit::get)),
             plugin: match &body.plugin {
                 Some(requested) => requested.as_ref().map(PluginAttachment::stored),
                 None => current.plugin.clone(),
@@ -346,7 +361,7 @@ pub async fn update(
 pub async fn remove(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiPath((app, id)): ApiPath<(String, WebhookId)>,
 ) -> ApiResult<StatusCode> {
     let app = caller.app(&state, &app).await?;
     state
@@ -369,11 +384,11 @@ pub async fn remove(
 pub async fn rotate_secret(
     State(state): State<AppState>,
     caller: Caller,
-    ApiPath((app, id)): ApiPath<(String, String)>,
+    ApiPath((app, id)): ApiPath<(String, WebhookId)>,
 ) -> ApiResult<Json<SecretRotated>> {
     let app = caller.app(&state, &app).await?;
     let secret = Secret::generate();
-    let overlap_ends = now_ms() + state.limits.secret_rotation_overlap.as_millis() as i64;
+    let overlap_ends = now_ms() + millis(state.limits.secret_rotation_overlap);
     state
         .store
         .rotate_secret(&app.id, &id, secret.expose(), overlap_ends)

@@ -89,6 +89,10 @@ pub enum WebhookCommand {
         /// Send the published payload as it is, without the envelope.
         #[arg(long)]
         raw_payload: bool,
+        /// Attempts in flight at once to this webhook (default: the
+        /// gateway's `WASMHOOK_MAX_IN_FLIGHT`).
+        #[arg(long)]
+        max_in_flight: Option<u32>,
     },
     /// The app's webhooks.
     List,
@@ -248,8 +252,12 @@ async fn webhook(
             description,
             headers,
             raw_payload,
+            max_in_flight,
         } => {
             let mut body = json!({ "url": target, "raw_payload": raw_payload });
+            if let Some(max_in_flight) = max_in_flight {
+                body["max_in_flight"] = json!(max_in_flight);
+            }
             if !event_types.is_empty() {
                 body["event_types"] = json!(event_types);
             }

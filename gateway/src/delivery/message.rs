@@ -2,13 +2,11 @@
 
 use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
-use crate::domain::CustomHeaders;
+use crate::clock::{Millis, rfc3339};
+use crate::domain::ClaimedDelivery;
 use crate::plugin::Delivered;
 use crate::signing::{Secret, signature_header};
-use crate::store::{ClaimedDelivery, Millis};
 use crate::url_safety::{TargetUrl, UrlPolicy};
 
 /// A fully built, signed request, ready for the sender.
@@ -26,14 +24,6 @@ pub enum BuildError {
     UnsafeTarget(#[from] crate::url_safety::UrlError),
     #[error("stored webhook is unusable: {0}")]
     Corrupt(String),
-}
-
-/// RFC 3339 text of a stored time, as the envelope and the API show it.
-pub fn rfc3339(at: Millis) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(at as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
 }
 
 /// The body: the Standard Webhooks envelope, or the payload as published
@@ -83,11 +73,13 @@ pub fn build(
     };
     let timestamp = now / 1000;
     let secrets = active_secrets(delivery, now)?;
-    let signature = signature_header(&secrets, &delivery.event_id, timestamp, &body);
+    let signature = signature_header(&secrets, delivery.event_id.as_str(), timestamp, &body);
 
     let corrupt = |e: &dyn std::fmt::Display| BuildError::Corrupt(e.to_string());
-    let custom = CustomHeaders::from_stored(&delivery.headers).map_err(BuildError::Corrupt)?;
-    let custom = custom
+    let custom = delivery
+        .headers
+        .as_ref()
+        .map_err(|e| BuildError::Corrupt(e.clone()))?
         .as_map()
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()));
@@ -100,7 +92,7 @@ pub fn build(
     }
     let content_type = HeaderValue::from_str(&content_type).map_err(|e| corrupt(&e))?;
     headers.insert(CONTENT_TYPE, content_type);
-    let id = HeaderValue::from_str(&delivery.event_id).map_err(|e| corrupt(&e))?;
+    let id = HeaderValue::from_str(delivery.event_id.as_str()).map_err(|e| corrupt(&e))?;
     headers.insert("webhook-id", id);
     headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
     let signature = HeaderValue::from_str(&signature).map_err(|e| corrupt(&e))?;

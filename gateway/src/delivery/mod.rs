@@ -12,4 +12,4 @@ pub mod worker;
 
 pub use retry::RetryPolicy;
 pub use sender::Sender;
-pub use worker::{Worker, WorkerConfig};
+pub use worker::{ExecutionOutcome, Worker, WorkerConfig};

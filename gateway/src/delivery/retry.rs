@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use super::sender::{AttemptKind, SendResult};
-use crate::store::{AttemptRecord, AttemptRow, ClaimedDelivery, Millis, NextState, WebhookEffect};
+use super::sender::SendResult;
+use crate::clock::{Millis, millis, now_ms};
+use crate::domain::{
+    AttemptOutcome, AttemptRecord, AttemptRow, ClaimedDelivery, NextState, WebhookEffect,
+};
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -54,7 +57,7 @@ impl RetryPolicy {
     ) -> AttemptRecord {
         let number = delivery.attempts + 1;
         let (next, webhook) = match result.kind {
-            AttemptKind::Success => (NextState::Succeeded, WebhookEffect::Healthy),
+            AttemptOutcome::Success => (NextState::Succeeded, WebhookEffect::Healthy),
             _ if result.status_code == Some(410) => (
                 NextState::Dead {
                     error: result.summary(),
@@ -67,12 +70,12 @@ impl RetryPolicy {
                 let error = result.summary();
                 let next = match self.delay_after(number, result.retry_after) {
                     Some(delay) => NextState::Retry {
-                        due_at: now + delay.as_millis() as Millis,
+                        due_at: now + millis(delay),
                         error,
                     },
                     None => NextState::Dead { error },
                 };
-                let cutoff = now - self.disable_after.as_millis() as Millis;
+                let cutoff = now - millis(self.disable_after);
                 (
                     next,
                     WebhookEffect::Failing {
@@ -85,7 +88,7 @@ impl RetryPolicy {
             number,
             started_at: result.started_at,
             duration_ms: result.duration.as_millis() as i64,
-            outcome: result.kind.as_str(),
+            outcome: result.kind,
             status_code: result.status_code.map(i64::from),
             response_body: result.response_body,
             error: result.error,
@@ -107,20 +110,14 @@ impl RetryPolicy {
             number: delivery.attempts + 1,
             started_at,
             duration_ms,
-            outcome: "skipped",
+            outcome: AttemptOutcome::Skipped,
             status_code: None,
             response_body: None,
             error: None,
             plugin_error: None,
         };
         let next = NextState::Skipped { reason };
-        record(
-            delivery,
-            Some(attempt),
-            next,
-            WebhookEffect::None,
-            crate::store::now_ms(),
-        )
+        record(delivery, Some(attempt), next, WebhookEffect::None, now_ms())
     }
 
     /// A delivery whose webhook was disabled ends without an attempt; a

@@ -9,41 +9,16 @@ use reqwest::StatusCode;
 use reqwest::header::RETRY_AFTER;
 
 use super::message::{BuildError, OutgoingRequest};
-use crate::store::{Millis, now_ms};
+use crate::clock::{Millis, now_ms};
+use crate::domain::{AttemptOutcome, MAX_FOREIGN_TEXT, PluginFailure, bounded};
 use crate::url_safety::{SafeResolver, UrlPolicy};
 
 const RESPONSE_KEEP_BYTES: usize = 4096;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptKind {
-    Success,
-    HttpError,
-    Timeout,
-    Connection,
-    UnsafeTarget,
-    InvalidWebhook,
-    /// The webhook's plugin failed; nothing was sent.
-    Plugin,
-}
-
-impl AttemptKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Success => "success",
-            Self::HttpError => "http_error",
-            Self::Timeout => "timeout",
-            Self::Connection => "connection_error",
-            Self::UnsafeTarget => "unsafe_target",
-            Self::InvalidWebhook => "invalid_webhook",
-            Self::Plugin => "plugin",
-        }
-    }
-}
-
 /// What happened on the wire.
 #[derive(Debug, Clone)]
 pub struct SendResult {
-    pub kind: AttemptKind,
+    pub kind: AttemptOutcome,
     pub started_at: Millis,
     pub duration: Duration,
     pub status_code: Option<u16>,
@@ -51,7 +26,7 @@ pub struct SendResult {
     pub error: Option<String>,
     pub retry_after: Option<Duration>,
     /// The plugin error class, for a failed plugin.
-    pub plugin_error: Option<&'static str>,
+    pub plugin_error: Option<PluginFailure>,
 }
 
 impl SendResult {
@@ -62,12 +37,12 @@ impl SendResult {
         duration: Duration,
     ) -> Self {
         Self {
-            kind: AttemptKind::Plugin,
+            kind: AttemptOutcome::Plugin,
             started_at,
             duration,
             status_code: None,
             response_body: None,
-            error: Some(error.to_string()),
+            error: Some(bounded(error.to_string(), MAX_FOREIGN_TEXT)),
             retry_after: None,
             plugin_error: Some(error.kind()),
         }
@@ -85,8 +60,8 @@ impl SendResult {
     /// An attempt that never reached the network.
     pub fn refused(error: BuildError) -> Self {
         let kind = match error {
-            BuildError::UnsafeTarget(_) => AttemptKind::UnsafeTarget,
-            BuildError::Corrupt(_) => AttemptKind::InvalidWebhook,
+            BuildError::UnsafeTarget(_) => AttemptOutcome::UnsafeTarget,
+            BuildError::Corrupt(_) => AttemptOutcome::InvalidWebhook,
         };
         Self {
             kind,
@@ -94,7 +69,7 @@ impl SendResult {
             duration: Duration::ZERO,
             status_code: None,
             response_body: None,
-            error: Some(error.to_string()),
+            error: Some(bounded(error.to_string(), MAX_FOREIGN_TEXT)),
             retry_after: None,
             plugin_error: None,
         }
@@ -174,9 +149,9 @@ async fn read_response(mut response: reqwest::Response) -> SendResult {
         kept.pop();
     }
     let kind = if status.is_success() {
-        AttemptKind::Success
+        AttemptOutcome::Success
     } else {
-        AttemptKind::HttpError
+        AttemptOutcome::HttpError
     };
     SendResult {
         kind,
@@ -199,9 +174,9 @@ fn status_error(status: StatusCode) -> String {
 
 fn failure(error: &reqwest::Error) -> SendResult {
     let kind = if error.is_timeout() {
-        AttemptKind::Timeout
+        AttemptOutcome::Timeout
     } else {
-        AttemptKind::Connection
+        AttemptOutcome::Connection
     };
     SendResult {
         kind,
@@ -216,7 +191,8 @@ fn failure(error: &reqwest::Error) -> SendResult {
 }
 
 /// The error with its causes, which is where the useful part ("connection
-/// refused", "host … is a loopback address") lives.
+/// refused", "host … is a loopback address") lives; bounded, as it may
+/// quote what the receiver sent.
 fn describe(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -228,7 +204,7 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
         }
         source = cause.source();
     }
-    text
+    bounded(text, MAX_FOREIGN_TEXT)
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date.

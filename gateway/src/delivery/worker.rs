@@ -3,6 +3,13 @@
 //! `concurrency` at once), and hands results to a recorder task that writes
 //! them back in batches, one transaction per batch.
 //!
+//! Each claimed delivery travels as a [`Claim`], a guard that holds its
+//! worker slot and its place in the [`Ledger`] of claims this process
+//! holds: handing the attempt's record to the recorder ends it; dropping it
+//! unrecorded (a task cancelled at shutdown, or one that panicked) gives
+//! the delivery back to the queue. [`Worker::try_execute_batch`] is one
+//! whole step (claim, attempt, record) for tests to drive without polling.
+//!
 //! On shutdown it stops claiming, lets in-flight attempts finish within the
 //! grace period, and gives whatever is still unfinished back to the queue.
 
@@ -19,8 +26,13 @@ use tracing::Instrument;
 use super::message;
 use super::retry::RetryPolicy;
 use super::sender::{SendResult, Sender};
+use crate::clock::{Millis, now_ms};
+use crate::domain::{
+    AttemptRecord, ClaimRequest, ClaimToken, ClaimedDelivery, DeliveryId, HeldClaim, InFlightLimit,
+    NextState,
+};
 use crate::plugin::{Decision, Delivered, Invocation, Plugins};
-use crate::store::{AttemptRecord, ClaimedDelivery, Millis, NextState, Store, now_ms};
+use crate::store::{Store, StoreResult};
 use crate::telemetry;
 use crate::url_safety::UrlPolicy;
 
@@ -32,10 +44,10 @@ pub struct WorkerConfig {
     pub lease: Duration,
     pub poll_interval: Duration,
     pub shutdown_grace: Duration,
+    /// Attempts in flight at once to a webhook that sets no limit of its
+    /// own, across every process.
+    pub default_max_in_flight: InFlightLimit,
 }
-
-/// Claimed deliveries not yet recorded: (delivery id → claim token).
-type InFlight = Arc<Mutex<HashMap<String, String>>>;
 
 /// A delivery worker, built from its parts by the server.
 pub struct Worker {
@@ -49,6 +61,15 @@ pub struct Worker {
     pub plugins: Plugins,
 }
 
+/// What one step of the worker did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutionOutcome {
+    /// Nothing was due.
+    EmptyQueue,
+    /// This many deliveries were claimed, attempted and recorded.
+    BatchCompleted { deliveries: usize },
+}
+
 impl Worker {
     /// Runs until `shutdown` is cancelled, then drains as described above.
     pub async fn run(self, shutdown: CancellationToken) {
@@ -58,70 +79,145 @@ impl Worker {
             this.store.clone(),
             recorder_rx,
             this.config.batch_size,
+            this.wake.clone(),
         ));
         let slots = Arc::new(Semaphore::new(this.config.concurrency));
-        let in_flight: InFlight = Arc::default();
+        let ledger = Arc::new(Ledger::default());
         let mut tasks = JoinSet::new();
 
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
-            let free = slots.available_permits().min(this.config.batch_size);
-            if free == 0 {
+            this.give_back(ledger.take_dropped()).await;
+            if slots.available_permits() == 0 {
                 tokio::select! {
                     _ = tasks.join_next() => {}
                     _ = shutdown.cancelled() => {}
                 }
                 continue;
             }
-            let claimed = match this.store.claim_due(free as u32, this.config.lease).await {
-                Ok(claimed) => claimed,
+            match this.claim(&slots, &ledger).await {
+                Ok(claims) if !claims.is_empty() => this.dispatch(claims, &results, &mut tasks),
+                Ok(_) => this.idle(&shutdown).await,
                 Err(error) => {
                     tracing::error!(%error, "claiming deliveries failed");
-                    Vec::new()
+                    this.idle(&shutdown).await;
                 }
-            };
-            if claimed.is_empty() {
-                tokio::select! {
-                    _ = this.wake.notified() => {}
-                    _ = tokio::time::sleep(this.config.poll_interval) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-                continue;
-            }
-            let mut to_transform = Vec::new();
-            for delivery in claimed {
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    // Cannot happen: we claimed no more than the free slots.
-                    break;
-                };
-                in_flight
-                    .lock()
-                    .expect("in-flight map poisoned")
-                    .insert(delivery.id.clone(), delivery.claim_token.clone());
-                let claim = Claim {
-                    span: attempt_span(&delivery),
-                    delivery,
-                    permit,
-                };
-                if claim.delivery.plugin.is_some() && claim.delivery.enabled {
-                    to_transform.push(claim);
-                } else {
-                    let finish =
-                        claim.finish(this.clone(), None, results.clone(), in_flight.clone());
-                    tasks.spawn(finish);
-                }
-            }
-            if !to_transform.is_empty() {
-                let batch = transform_batch(
-                    this.clone(),
-                    to_transform,
-                    results.clone(),
-                    in_flight.clone(),
-                );
-                tasks.spawn(batch);
             }
         }
-        self_drain(this, tasks, results, recorder, in_flight).await;
+        this.drain(tasks, results, recorder, ledger).await;
+    }
+
+    /// One whole step: claims a batch, makes every attempt of it, and
+    /// records them all before returning.
+    pub async fn try_execute_batch(self: &Arc<Self>) -> StoreResult<ExecutionOutcome> {
+        let slots = Arc::new(Semaphore::new(self.config.batch_size.max(1)));
+        let ledger = Arc::new(Ledger::default());
+        let claims = self.claim(&slots, &ledger).await?;
+        if claims.is_empty() {
+            return Ok(ExecutionOutcome::EmptyQueue);
+        }
+        let deliveries = claims.len();
+        let (results, mut received) = mpsc::channel(deliveries);
+        let mut tasks = JoinSet::new();
+        self.dispatch(claims, &results, &mut tasks);
+        drop(results);
+        let mut records = Vec::with_capacity(deliveries);
+        while let Some(record) = received.recv().await {
+            records.push(record);
+        }
+        while tasks.join_next().await.is_some() {}
+        self.store.record_attempts(Arc::new(records)).await?;
+        self.give_back(ledger.take_all()).await;
+        Ok(ExecutionOutcome::BatchCompleted { deliveries })
+    }
+
+    /// Claims as many due deliveries as there are free slots (at most a
+    /// batch), each as a guard holding its slot.
+    async fn claim(&self, slots: &Arc<Semaphore>, ledger: &Arc<Ledger>) -> StoreResult<Vec<Claim>> {
+        let free = slots.available_permits().min(self.config.batch_size);
+        if free == 0 {
+            return Ok(Vec::new());
+        }
+        let request = ClaimRequest {
+            limit: u32::try_from(free).unwrap_or(u32::MAX),
+            lease: self.config.lease,
+            default_max_in_flight: self.config.default_max_in_flight,
+        };
+        let claimed = self.store.claim_due(request).await?;
+        let mut claims = Vec::with_capacity(claimed.len());
+        for delivery in claimed {
+            match slots.clone().try_acquire_owned() {
+                Ok(permit) => claims.push(Claim::new(delivery, permit, ledger.clone())),
+                // Cannot happen (no more were claimed than slots were
+                // free); should it, the delivery goes straight back.
+                Err(_) => ledger.dropped(delivery.held()),
+            }
+        }
+        Ok(claims)
+    }
+
+    /// Starts the attempts of claimed deliveries: those with a plugin go
+    /// through one plugin batch first, the others straight to sending.
+    fn dispatch(
+        self: &Arc<Self>,
+        claims: Vec<Claim>,
+        results: &mpsc::Sender<AttemptRecord>,
+        tasks: &mut JoinSet<()>,
+    ) {
+        let (transformed, plain): (Vec<Claim>, Vec<Claim>) = claims
+            .into_iter()
+            .partition(|claim| claim.delivery.plugin.is_some() && claim.delivery.enabled);
+        for claim in plain {
+            tasks.spawn(claim.finish(self.clone(), None, results.clone()));
+        }
+        if !transformed.is_empty() {
+            tasks.spawn(transform_batch(self.clone(), transformed, results.clone()));
+        }
+    }
+
+    /// Waits for work: a wake-up from a local publish, the poll interval,
+    /// or shutdown.
+    async fn idle(&self, shutdown: &CancellationToken) {
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(self.config.poll_interval) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+
+    /// Gives claims back to the queue, due now, so they are sent at once
+    /// instead of after their lease.
+    async fn give_back(&self, claims: Vec<HeldClaim>) {
+        if claims.is_empty() {
+            return;
+        }
+        if let Err(error) = self.store.release(claims).await {
+            tracing::error!(%error, "releasing deliveries failed; they return when their lease ends");
+        }
+    }
+
+    /// Shutdown: wait for in-flight attempts up to the grace period, record
+    /// what finished, and give the rest back.
+    async fn drain(
+        &self,
+        mut tasks: JoinSet<()>,
+        results: mpsc::Sender<AttemptRecord>,
+        recorder: tokio::task::JoinHandle<()>,
+        ledger: Arc<Ledger>,
+    ) {
+        let grace = self.config.shutdown_grace;
+        let finished =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if finished.is_err() {
+            tracing::warn!(
+                ?grace,
+                "in-flight deliveries did not finish in time; releasing them"
+            );
+            tasks.shutdown().await;
+        }
+        drop(results);
+        let _ = recorder.await;
+        self.give_back(ledger.take_all()).await;
     }
 
     /// One attempt of one delivery, logged and counted. `invocation` is
@@ -147,9 +243,9 @@ impl Worker {
         if !delivery.enabled {
             return self.retry.abandon(delivery, now);
         }
-        let transformed = match self.transformed(delivery, now, invocation) {
-            Ok(transformed) => transformed,
-            Err(ended) => return *ended,
+        let transformed = match self.prepare(delivery, now, invocation) {
+            Prepared::Send(transformed) => transformed,
+            Prepared::Ended(record) => return record,
         };
         let result = match message::build(delivery, &self.policy, now_ms(), transformed) {
             Ok(request) => self.sender.send(request).await,
@@ -158,16 +254,16 @@ impl Worker {
         self.retry.decide(delivery, result, now_ms())
     }
 
-    /// What the webhook's plugin, if any, decided: the request it made, or
-    /// the record that ends this attempt (a skip, or a plugin failure).
-    fn transformed(
+    /// What the webhook's plugin, if any, decided: send (its request, or
+    /// the default one), or end the attempt here (a skip, or a failure).
+    fn prepare(
         &self,
         delivery: &ClaimedDelivery,
         now: Millis,
         invocation: Option<Invocation>,
-    ) -> Result<Option<Delivered>, Box<AttemptRecord>> {
+    ) -> Prepared {
         let Some(invocation) = invocation else {
-            return Ok(None);
+            return Prepared::Send(None);
         };
         telemetry::plugin_ran(invocation.duration);
         // Plugin log lines are the plugin author's; they may quote the
@@ -176,57 +272,127 @@ impl Worker {
             tracing::debug!(level = line.level, "plugin: {}", line.message);
         }
         match invocation.result {
-            Ok(Decision::Deliver(delivered)) => Ok(Some(delivered)),
+            Ok(Decision::Deliver(delivered)) => Prepared::Send(Some(delivered)),
             Ok(Decision::Skip(reason)) => {
                 let duration_ms = invocation.duration.as_millis() as i64;
-                Err(Box::new(self.retry.skip(
-                    delivery,
-                    reason,
-                    now,
-                    duration_ms,
-                )))
+                Prepared::Ended(self.retry.skip(delivery, reason, now, duration_ms))
             }
             Err(error) => {
                 let failed = SendResult::plugin_failed(&error, now, invocation.duration);
-                Err(Box::new(self.retry.decide(delivery, failed, now_ms())))
+                Prepared::Ended(self.retry.decide(delivery, failed, now_ms()))
             }
         }
     }
 }
 
-/// A claimed delivery on its way: the worker slot it holds and the span
-/// its log lines carry.
+/// Where an attempt stands once its plugin (if any) has run.
+enum Prepared {
+    /// Send: the plugin's request, or the default one (`None`).
+    Send(Option<Delivered>),
+    /// The attempt ends without a request: this is its record.
+    Ended(AttemptRecord),
+}
+
+/// The claims this process holds, and those dropped before their attempt
+/// was recorded, which go back to the queue.
+#[derive(Default)]
+struct Ledger {
+    state: Mutex<LedgerState>,
+}
+
+#[derive(Default)]
+struct LedgerState {
+    held: HashMap<DeliveryId, ClaimToken>,
+    dropped: Vec<HeldClaim>,
+}
+
+impl Ledger {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LedgerState> {
+        // The state stays consistent whatever panicked while holding it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn hold(&self, claim: HeldClaim) {
+        self.lock().held.insert(claim.delivery_id, claim.token);
+    }
+
+    /// The attempt's record went to the recorder: no longer ours.
+    fn recorded(&self, delivery_id: &DeliveryId) {
+        self.lock().held.remove(delivery_id);
+    }
+
+    /// Dropped unrecorded: to be given back.
+    fn dropped(&self, claim: HeldClaim) {
+        let mut state = self.lock();
+        state.held.remove(&claim.delivery_id);
+        state.dropped.push(claim);
+    }
+
+    fn take_dropped(&self) -> Vec<HeldClaim> {
+        std::mem::take(&mut self.lock().dropped)
+    }
+
+    /// Every claim not recorded, at the end of a run or a step.
+    fn take_all(&self) -> Vec<HeldClaim> {
+        let mut state = self.lock();
+        let held: Vec<HeldClaim> = state
+            .held
+            .drain()
+            .map(|(delivery_id, token)| HeldClaim { delivery_id, token })
+            .collect();
+        let mut all = std::mem::take(&mut state.dropped);
+        all.extend(held);
+        all
+    }
+}
+
+/// A claimed delivery on its way: the worker slot it holds, its entry in
+/// the ledger, and the span its log lines carry.
 struct Claim {
     delivery: ClaimedDelivery,
-    permit: OwnedSemaphorePermit,
     span: tracing::Span,
+    ledger: Arc<Ledger>,
+    recorded: bool,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Claim {
+    fn new(delivery: ClaimedDelivery, slot: OwnedSemaphorePermit, ledger: Arc<Ledger>) -> Self {
+        ledger.hold(delivery.held());
+        Self {
+            span: attempt_span(&delivery),
+            delivery,
+            ledger,
+            recorded: false,
+            _slot: slot,
+        }
+    }
+
     /// Sends (unless the plugin's run ended the attempt) and hands the
-    /// result to the recorder.
+    /// result to the recorder; the slot is free once this returns.
     async fn finish(
-        self,
+        mut self,
         worker: Arc<Worker>,
         invocation: Option<Invocation>,
         results: mpsc::Sender<AttemptRecord>,
-        in_flight: InFlight,
     ) {
-        let Claim {
-            delivery,
-            permit,
-            span,
-        } = self;
-        let record = worker.attempt(&delivery, invocation).instrument(span).await;
-        // Recorded by the recorder from here on, so no longer ours to
-        // release.
+        let span = self.span.clone();
+        let record = worker
+            .attempt(&self.delivery, invocation)
+            .instrument(span)
+            .await;
         if results.send(record).await.is_ok() {
-            in_flight
-                .lock()
-                .expect("in-flight map poisoned")
-                .remove(&delivery.id);
+            self.ledger.recorded(&self.delivery.id);
+            self.recorded = true;
         }
-        drop(permit);
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.ledger.dropped(self.delivery.held());
+        }
     }
 }
 
@@ -241,7 +407,6 @@ async fn transform_batch(
     worker: Arc<Worker>,
     batch: Vec<Claim>,
     results: mpsc::Sender<AttemptRecord>,
-    in_flight: InFlight,
 ) {
     let mut sends = JoinSet::new();
     let lanes = worker.config.concurrency.max(1);
@@ -256,13 +421,7 @@ async fn transform_batch(
         })
         .buffer_unordered(lanes);
     while let Some((claim, invocation)) = transformed.next().await {
-        let finish = claim.finish(
-            worker.clone(),
-            invocation,
-            results.clone(),
-            in_flight.clone(),
-        );
-        sends.spawn(finish);
+        sends.spawn(claim.finish(worker.clone(), invocation, results.clone()));
     }
     while sends.join_next().await.is_some() {}
 }
@@ -285,7 +444,8 @@ fn log_outcome(record: &AttemptRecord) {
         tracing::info!("webhook is disabled; the delivery ends without an attempt");
         return;
     };
-    let (outcome, status, ms) = (attempt.outcome, attempt.status_code, attempt.duration_ms);
+    let outcome = attempt.outcome.as_str();
+    let (status, ms) = (attempt.status_code, attempt.duration_ms);
     match &record.next {
         NextState::Succeeded => tracing::debug!(outcome, status, ms, "delivered"),
         NextState::Skipped { .. } => tracing::debug!(outcome, ms, "skipped by the plugin"),
@@ -309,45 +469,17 @@ fn log_outcome(record: &AttemptRecord) {
     }
 }
 
-/// Shutdown: wait for in-flight attempts up to the grace period, record
-/// what finished, and release the rest so another process (or this one,
-/// after restart) sends them at once instead of after the lease.
-async fn self_drain(
-    this: Arc<Worker>,
-    mut tasks: JoinSet<()>,
-    results: mpsc::Sender<AttemptRecord>,
-    recorder: tokio::task::JoinHandle<()>,
-    in_flight: InFlight,
-) {
-    let grace = this.config.shutdown_grace;
-    let finished =
-        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-    if finished.is_err() {
-        tracing::warn!(
-            ?grace,
-            "in-flight deliveries did not finish in time; releasing them"
-        );
-        tasks.shutdown().await;
-    }
-    drop(results);
-    let _ = recorder.await;
-    let unfinished: Vec<(String, String)> = in_flight
-        .lock()
-        .expect("in-flight map poisoned")
-        .drain()
-        .collect();
-    if !unfinished.is_empty()
-        && let Err(error) = this.store.release(unfinished).await
-    {
-        tracing::error!(%error, "releasing deliveries failed; they return when their lease ends");
-    }
-}
-
 /// Writes results in batches. A failed write is retried a few times: the
 /// results are the only record of attempts that already happened. If the
 /// database stays away, the deliveries stay claimed and are sent again when
-/// their lease ends (at-least-once).
-async fn record_loop(store: Store, mut results: mpsc::Receiver<AttemptRecord>, batch_size: usize) {
+/// their lease ends (at-least-once). Each batch written frees room in its
+/// webhooks' lanes, so it wakes the claim loop.
+async fn record_loop(
+    store: Store,
+    mut results: mpsc::Receiver<AttemptRecord>,
+    batch_size: usize,
+    wake: Arc<Notify>,
+) {
     const TRIES: u32 = 8;
     let mut received = Vec::with_capacity(batch_size);
     while results.recv_many(&mut received, batch_size).await > 0 {
@@ -355,7 +487,10 @@ async fn record_loop(store: Store, mut results: mpsc::Receiver<AttemptRecord>, b
         let mut backoff = Duration::from_millis(50);
         for tried in 1..=TRIES {
             match store.record_attempts(batch.clone()).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    wake.notify_one();
+                    break;
+                }
                 Err(error) if tried == TRIES => {
                     tracing::error!(%error, lost = batch.len(), "recording attempts failed; leases will resend them");
                 }

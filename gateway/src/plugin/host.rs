@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use reqwest::header::{HeaderName, HeaderValue};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
     Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Strategy,
@@ -20,8 +20,9 @@ use wasmtime::{
 
 use super::bindings::{Transform, TransformPre};
 use super::sandbox::{PluginLimits, Sandbox};
+use super::share::Shares;
 use super::{Decision, Delivered, Invocation, PluginError, PluginEvent, UploadError, WitOutcome};
-use crate::domain::is_reserved_header;
+use crate::domain::{MAX_FOREIGN_TEXT, bounded, is_reserved_header, quoted};
 
 /// How often the epoch advances: a runaway plugin is stopped within its
 /// deadline plus one tick.
@@ -29,6 +30,9 @@ const TICK: Duration = Duration::from_millis(5);
 /// Compiled components kept ready in memory.
 const CACHE_CAPACITY: usize = 256;
 const MAX_HEADERS: usize = 32;
+/// Names and values of a plugin's headers together.
+const MAX_HEADER_BYTES: usize = 8 * 1024;
+const MAX_CONTENT_TYPE: usize = 256;
 const MAX_SKIP_REASON: usize = 1024;
 /// Linear memory and table bytes kept mapped between pooled instances.
 /// With PAGEMAP_SCAN (Linux 6.7+) only the pages an instance dirtied are
@@ -89,7 +93,7 @@ struct Inner {
     quick: Tier,
     limits: PluginLimits,
     cache: Mutex<Cache>,
-    slots: Semaphore,
+    slots: Shares,
     engine_key: String,
     ticking: Arc<AtomicBool>,
 }
@@ -126,7 +130,7 @@ impl PluginHost {
                 quick,
                 limits,
                 cache: Mutex::new(Cache::default()),
-                slots: Semaphore::new(concurrency),
+                slots: Shares::new(concurrency),
                 engine_key,
                 ticking,
             }),
@@ -220,10 +224,17 @@ impl PluginHost {
             .insert(sha256, ready);
     }
 
-    /// Runs one invocation, at most `concurrency` at a time (the size of
-    /// the instance pool).
-    pub async fn run(&self, ready: &Ready, event: PluginEvent, config: String) -> Invocation {
-        let Ok(_slot) = self.inner.slots.acquire().await else {
+    /// Runs one invocation for `tenant` (a webhook, or the playground),
+    /// at most `concurrency` at a time (the size of the instance pool),
+    /// within the tenant's fair share of them.
+    pub async fn run(
+        &self,
+        ready: &Ready,
+        event: PluginEvent,
+        config: String,
+        tenant: &str,
+    ) -> Invocation {
+        let Ok(slot) = self.inner.slots.acquire(tenant).await else {
             return Invocation {
                 result: Err(PluginError::Unavailable(
                     "the plugin host is shutting down".into(),
@@ -232,14 +243,21 @@ impl PluginHost {
                 duration: Duration::ZERO,
             };
         };
-        self.invoke(ready, &event, &config).await
+        let invocation = self.invoke(ready, &event, &config).await;
+        let hit_a_limit = matches!(
+            invocation.result,
+            Err(PluginError::Timeout(_) | PluginError::MemoryLimit(_) | PluginError::StackOverflow)
+        );
+        slot.ended(hit_a_limit, invocation.duration);
+        invocation
     }
 
     /// A fresh instance, the deadline armed before instantiation (which
     /// runs guest code too), one call, and the instance gone. The guest
     /// yields to the runtime at every epoch tick and is interrupted once
-    /// its deadline has passed.
-    pub async fn invoke(&self, ready: &Ready, event: &PluginEvent, config: &str) -> Invocation {
+    /// its deadline has passed. Only [`PluginHost::run`] calls it: the
+    /// pool has room for `concurrency` instances, no more.
+    async fn invoke(&self, ready: &Ready, event: &PluginEvent, config: &str) -> Invocation {
         let limits = &self.inner.limits;
         let started = Instant::now();
         let mut store = Store::new(&ready.engine, Sandbox::new(limits));
@@ -261,7 +279,7 @@ impl PluginHost {
         };
         let result = match called {
             Ok(Ok(outcome)) => check_output(outcome, limits),
-            Ok(Err(message)) => Err(PluginError::Returned(message)),
+            Ok(Err(message)) => Err(PluginError::Returned(bounded(message, MAX_FOREIGN_TEXT))),
             Err(error) => Err(classify(&error, store.data(), limits)),
         };
         let duration = started.elapsed();
@@ -414,67 +432,95 @@ fn classify(error: &wasmtime::Error, sandbox: &Sandbox, limits: &PluginLimits) -
                     message = format!("{message} (in {})", frames.join(" < "));
                 }
             }
-            PluginError::Trap(message)
+            PluginError::Trap(bounded(message, MAX_FOREIGN_TEXT))
         }
     }
 }
 
 /// Checks what a plugin returned: size, content type, and headers it may
-/// set.
+/// set. Anything refused is named in a bounded message: a plugin's own
+/// text never reaches the wire or the store unchecked or whole.
 fn check_output(outcome: WitOutcome, limits: &PluginLimits) -> Result<Decision, PluginError> {
     let delivery = match outcome {
-        WitOutcome::Skip(mut reason) => {
-            if reason.len() > MAX_SKIP_REASON {
-                let mut cut = MAX_SKIP_REASON;
-                while !reason.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                reason.truncate(cut);
-            }
-            return Ok(Decision::Skip(reason));
-        }
+        WitOutcome::Skip(reason) => return Ok(Decision::Skip(bounded(reason, MAX_SKIP_REASON))),
         WitOutcome::Deliver(delivery) => delivery,
     };
-    let invalid = |m: String| Err(PluginError::InvalidOutput(m));
     if delivery.body.len() > limits.max_output_bytes {
-        return invalid(format!(
+        return Err(invalid(format!(
             "the body of {} bytes is over the {} byte limit",
             delivery.body.len(),
             limits.max_output_bytes
-        ));
-    }
-    if delivery.headers.len() > MAX_HEADERS {
-        return invalid(format!(
-            "{} headers; at most {MAX_HEADERS}",
-            delivery.headers.len()
-        ));
+        )));
     }
     let content_type = delivery
         .content_type
         .unwrap_or_else(|| "application/json".into());
-    if reqwest::header::HeaderValue::from_str(&content_type).is_err() {
-        return invalid(format!(
-            "content type `{content_type}` is not a valid header value"
-        ));
-    }
-    for (name, value) in &delivery.headers {
-        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return invalid(format!("`{name}` is not a valid header name"));
-        }
-        if reqwest::header::HeaderValue::from_str(value).is_err() {
-            return invalid(format!("the value of `{name}` is not a valid header value"));
-        }
-        if is_reserved_header(name) {
-            return invalid(format!(
-                "header `{name}` is set by the gateway; plugins may not set it"
-            ));
-        }
-    }
+    check_content_type(&content_type)?;
+    check_headers(&delivery.headers)?;
     Ok(Decision::Deliver(Delivered {
         body: delivery.body,
         content_type,
         headers: delivery.headers,
     }))
+}
+
+fn invalid(message: String) -> PluginError {
+    PluginError::InvalidOutput(message)
+}
+
+fn check_content_type(content_type: &str) -> Result<(), PluginError> {
+    if content_type.len() > MAX_CONTENT_TYPE {
+        return Err(invalid(format!(
+            "the content type is {} bytes; at most {MAX_CONTENT_TYPE}",
+            content_type.len()
+        )));
+    }
+    if HeaderValue::from_str(content_type).is_err() {
+        return Err(invalid(format!(
+            "content type `{}` is not a valid header value",
+            quoted(content_type)
+        )));
+    }
+    Ok(())
+}
+
+/// Valid HTTP names and values only (a CR or LF anywhere is refused, so a
+/// plugin cannot add a header of its own making), none the gateway sets,
+/// and few and small enough to be worth sending.
+fn check_headers(headers: &[(String, String)]) -> Result<(), PluginError> {
+    if headers.len() > MAX_HEADERS {
+        return Err(invalid(format!(
+            "{} headers; at most {MAX_HEADERS}",
+            headers.len()
+        )));
+    }
+    let bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+    if bytes > MAX_HEADER_BYTES {
+        return Err(invalid(format!(
+            "the headers are {bytes} bytes; at most {MAX_HEADER_BYTES}"
+        )));
+    }
+    for (name, value) in headers {
+        if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(invalid(format!(
+                "`{}` is not a valid header name",
+                quoted(name)
+            )));
+        }
+        if HeaderValue::from_str(value).is_err() {
+            return Err(invalid(format!(
+                "the value of `{}` is not a valid header value",
+                quoted(name)
+            )));
+        }
+        if is_reserved_header(name) {
+            return Err(invalid(format!(
+                "header `{}` is set by the gateway; plugins may not set it",
+                quoted(name)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Compiled components by content hash, the oldest dropped when full.

@@ -6,19 +6,23 @@
 //! optimised code in the background;
 //! [`PluginHost::run`] runs it for one delivery in a fresh, sandboxed
 //! instance: no network, no files, no environment, a deadline, a memory
-//! cap, a stack cap, and bounded output and logs. Compiled components stay
+//! cap, a stack cap, and bounded output and logs, within its webhook's
+//! fair share of the plugin slots. Compiled components stay
 //! ready in a bounded cache keyed by content hash, and their precompiled
 //! machine code is kept in the store so a restart does not compile again.
 
 mod host;
 mod runtime;
 mod sandbox;
+mod share;
 
 pub use host::{Compiled, PluginHost, Ready};
 pub use runtime::Plugins;
 pub use sandbox::{LogLine, PluginLimits};
 
 use std::time::Duration;
+
+use crate::domain::PluginFailure;
 
 /// Generated from the one contract between host and guest.
 mod bindings {
@@ -72,15 +76,15 @@ pub enum PluginError {
 
 impl PluginError {
     /// The class recorded on the attempt.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> PluginFailure {
         match self {
-            Self::Timeout(_) => "timeout",
-            Self::MemoryLimit(_) => "memory_limit",
-            Self::StackOverflow => "stack_overflow",
-            Self::Trap(_) => "trap",
-            Self::InvalidOutput(_) => "invalid_output",
-            Self::Returned(_) => "plugin_error",
-            Self::Unavailable(_) => "unavailable",
+            Self::Timeout(_) => PluginFailure::Timeout,
+            Self::MemoryLimit(_) => PluginFailure::MemoryLimit,
+            Self::StackOverflow => PluginFailure::StackOverflow,
+            Self::Trap(_) => PluginFailure::Trap,
+            Self::InvalidOutput(_) => PluginFailure::InvalidOutput,
+            Self::Returned(_) => PluginFailure::Returned,
+            Self::Unavailable(_) => PluginFailure::Unavailable,
         }
     }
 }

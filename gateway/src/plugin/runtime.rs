@@ -3,8 +3,9 @@
 
 use super::host::{PluginHost, Ready};
 use super::{Invocation, PluginError, PluginEvent};
-use crate::delivery::message::rfc3339;
-use crate::store::{ClaimedDelivery, Store};
+use crate::clock::rfc3339;
+use crate::domain::{ClaimedDelivery, PageRequest, PluginId};
+use crate::store::Store;
 
 #[derive(Clone)]
 pub struct Plugins {
@@ -18,7 +19,7 @@ impl Plugins {
     }
 
     /// The plugin with this id and code hash, ready to run.
-    pub async fn ready(&self, plugin_id: &str, sha256: &str) -> Result<Ready, PluginError> {
+    pub async fn ready(&self, plugin_id: &PluginId, sha256: &str) -> Result<Ready, PluginError> {
         if let Some(ready) = self.host.cached(sha256) {
             crate::telemetry::plugin_cache(true);
             return Ok(ready);
@@ -82,7 +83,7 @@ impl Plugins {
     /// Loads every stored plugin, so the first deliveries after a start
     /// find them ready.
     pub async fn warm_up(&self) {
-        let page = crate::store::PageRequest {
+        let page = PageRequest {
             cursor: None,
             limit: 10_000,
         };
@@ -98,18 +99,18 @@ impl Plugins {
 
     /// Runs the delivery's plugin, if it has one.
     pub async fn transform(&self, delivery: &ClaimedDelivery) -> Option<Invocation> {
-        let (attached, sha256) = delivery.plugin.as_ref()?;
+        let plugin = delivery.plugin.as_ref()?;
         let event = PluginEvent {
-            id: delivery.event_id.clone(),
+            id: delivery.event_id.to_string(),
             event_type: delivery.event_type.clone(),
-            app_id: delivery.app_id.clone(),
+            app_id: delivery.app_id.to_string(),
             app_uid: delivery.app_uid.clone(),
-            webhook_id: delivery.webhook_id.clone(),
+            webhook_id: delivery.webhook_id.to_string(),
             attempt: u32::try_from(delivery.attempts + 1).unwrap_or(u32::MAX),
             timestamp: rfc3339(delivery.event_created_at),
             payload: delivery.payload.clone(),
         };
-        let ready = match self.ready(&attached.id, sha256).await {
+        let ready = match self.ready(&plugin.id, &plugin.sha256).await {
             Ok(ready) => ready,
             Err(error) => {
                 return Some(Invocation {
@@ -119,6 +120,11 @@ impl Plugins {
                 });
             }
         };
-        Some(self.host.run(&ready, event, attached.config.clone()).await)
+        let tenant = delivery.webhook_id.as_str();
+        Some(
+            self.host
+                .run(&ready, event, plugin.config.clone(), tenant)
+                .await,
+        )
     }
 }

@@ -101,7 +101,7 @@ pub fn transform(event: Event, config: Config) -> Result<Outcome, Error> {
     if !config.any.is_empty() && config.any.iter().all(|c| c.check(&payload).is_some()) {
         return Ok(Outcome::skip("no condition of `any` holds"));
     }
-    Ok(Outcome::deliver_json(&event.envelope(payload)))
+    Outcome::deliver_json(&event.envelope(payload))
 }
 
 wasmhook_sdk::export!(transform);

@@ -46,7 +46,7 @@ pub fn transform(event: Event, config: Config) -> Result<Outcome, Error> {
             *value = Value::String(mask(value, &config.mask_with, config.keep_last));
         }
     }
-    Ok(Outcome::deliver_json(&event.envelope(payload)))
+    Outcome::deliver_json(&event.envelope(payload))
 }
 
 fn remove(payload: &mut Value, pointer: &str) {

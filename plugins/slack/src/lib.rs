@@ -70,7 +70,7 @@ pub fn transform(event: Event, config: Config) -> Result<Outcome, Error> {
     if let Some(icon) = config.icon_emoji {
         message["icon_emoji"] = icon.into();
     }
-    Ok(Outcome::deliver_json(&message))
+    Outcome::deliver_json(&message)
 }
 
 /// Replaces each `{{…}}` with the event field or payload value it names.

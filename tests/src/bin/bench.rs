@@ -7,11 +7,15 @@
 //! starts a full gateway on the same database and measures how it drains
 //! the backlog (and how much memory that takes).
 //!
+//! `--neighbour hang|fail|plugin` measures fairness instead: a healthy
+//! app's delivery rate beside another app's noisy webhook, as a ratio to
+//! its rate alone, in interleaved rounds.
+//!
 //! With `WASMHOOK_TEST_POSTGRES_URL` set, it runs on a fresh PostgreSQL
 //! database on that server; `--workers N` then runs one API-only process
 //! and N worker-only processes sharing the queue.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -19,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use serde_json::{Value, json};
+use wasmhook_tests::neighbour::{self, Neighbour, Round, median};
 use wasmhook_tests::{GatewayBuilder, Receiver, TestGateway};
 
 #[derive(Parser, Debug)]
@@ -53,6 +58,16 @@ struct Args {
     /// does both). Needs PostgreSQL (`WASMHOOK_TEST_POSTGRES_URL`).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Measure fairness instead: a healthy app's webhook alone, then
+    /// beside another app's noisy one (an endpoint that hangs, one that
+    /// fails at once, or a runaway plugin), on a fresh gateway each round;
+    /// prints the healthy rate beside it as a ratio to alone. `--events`
+    /// is the healthy events per run.
+    #[arg(long, value_enum)]
+    neighbour: Option<Neighbour>,
+    /// Rounds of the neighbour mode.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Extra gateway settings, as KEY=VALUE (repeatable).
     #[arg(long = "gateway-env", value_parser = parse_key_value)]
     gateway_env: Vec<(String, String)>,
@@ -79,6 +94,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.events == 0 || args.publishers == 0 || args.webhooks == 0 {
         bail!("--events, --publishers and --webhooks must be at least 1");
+    }
+    if let Some(neighbour) = args.neighbour {
+        return neighbour_mode(&args, neighbour).await;
     }
     let receiver = Receiver::start().await;
     let mut builder = GatewayBuilder::default()
@@ -156,11 +174,17 @@ async fn main() -> anyhow::Result<()> {
     // What the gateway spent before (start-up, plugin compiles) is not
     // the deliveries' cost.
     let cpu_before = cpu_time(gateway.pid());
+    let threads_before = thread_cpu(gateway.pid());
+    // Transactions of the whole run, or of the drain alone.
+    let mut commits_before = commits(&gateway).await;
     let first_publish = Instant::now();
     let published = publish_all(&gateway, &app, &args).await?;
     let publish_elapsed = first_publish.elapsed();
     report_publishing(&published, publish_elapsed);
 
+    if args.backlog {
+        commits_before = commits(&gateway).await;
+    }
     let (gateway, drain_start) = if args.backlog && args.workers > 0 {
         let start = Instant::now();
         workers = start_workers(&gateway, args.workers).await;
@@ -201,8 +225,54 @@ async fn main() -> anyhow::Result<()> {
         let processes: Vec<&TestGateway> = std::iter::once(&gateway).chain(&workers).collect();
         report_plugin_time(&processes).await?;
     }
+    report_processes(&gateway, &workers, &args, cpu_before, expected);
+    if !args.backlog {
+        report_threads(&gateway, &threads_before, expected);
+    }
+    if !gateway.workspace.is_postgres() {
+        report_sqlite_commits(&gateway, expected).await?;
+    }
+    if let Some(before) = commits_before {
+        // Backends flush their statistics when they end.
+        let mut gateway = gateway;
+        for process in workers.iter_mut().chain(std::iter::once(&mut gateway)) {
+            process.terminate().await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = commits(&gateway).await.unwrap_or(before);
+        let n = after - before;
+        println!(
+            "PostgreSQL commits        {n:>10} ({:.3} per delivery, {})",
+            n as f64 / expected as f64,
+            if args.backlog {
+                "the drain alone"
+            } else {
+                "publishing included"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Committed transactions in the test database so far (PostgreSQL only).
+async fn commits(gateway: &TestGateway) -> Option<i64> {
+    if !gateway.workspace.is_postgres() {
+        return None;
+    }
+    let sql = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()";
+    Some(gateway.workspace.count(sql).await)
+}
+
+/// Each process's peak RSS and CPU time per delivery.
+fn report_processes(
+    gateway: &TestGateway,
+    workers: &[TestGateway],
+    args: &Args,
+    cpu_before: Duration,
+    expected: usize,
+) {
     for (label, process) in
-        std::iter::once(("gateway", &gateway)).chain(workers.iter().map(|w| ("worker", w)))
+        std::iter::once(("gateway", gateway)).chain(workers.iter().map(|w| ("worker", w)))
     {
         let (peak, last) = memory(process.pid());
         println!(
@@ -222,6 +292,50 @@ async fn main() -> anyhow::Result<()> {
             cpu.as_secs_f64() * 1e6 / expected as f64
         );
     }
+}
+
+/// The gateway's CPU per delivery by thread name, since the first publish:
+/// where a change of the total went.
+fn report_threads(gateway: &TestGateway, before: &BTreeMap<String, Duration>, expected: usize) {
+    let shares: Vec<String> = thread_cpu(gateway.pid())
+        .into_iter()
+        .map(|(name, cpu)| {
+            let spent = cpu.saturating_sub(before.get(&name).copied().unwrap_or_default());
+            (name, spent.as_secs_f64() * 1e6 / expected as f64)
+        })
+        .filter(|(_, micros)| *micros >= 1.0)
+        .map(|(name, micros)| format!("{name} {micros:.0}"))
+        .collect();
+    println!(
+        "gateway CPU by thread      µs per delivery: {}",
+        shares.join(", ")
+    );
+}
+
+/// The healthy webhook's rate alone and beside the neighbour, in rounds
+/// on fresh gateways (see [`neighbour::rounds`]).
+async fn neighbour_mode(args: &Args, neighbour: Neighbour) -> anyhow::Result<()> {
+    println!(
+        "wasmhook bench, neighbour mode: {} healthy events per run beside `{neighbour:?}` \
+         ({} queued for it), {} rounds",
+        args.events,
+        neighbour.backlog(),
+        args.rounds
+    );
+    let builder = || {
+        let mut builder = GatewayBuilder::default().env("WASMHOOK_LOG", "warn");
+        for (key, value) in &args.gateway_env {
+            builder = builder.env(key, value);
+        }
+        builder
+    };
+    let rounds = neighbour::rounds(builder, neighbour, args.events, args.rounds).await;
+    println!(
+        "healthy rate: alone median {:.0}/s, beside median {:.0}/s; ratio median {:.2} (target ≥ 0.9)",
+        median(rounds.iter().map(|r| r.alone).collect()),
+        median(rounds.iter().map(|r| r.beside).collect()),
+        median(rounds.iter().map(Round::ratio).collect())
+    );
     Ok(())
 }
 
@@ -356,27 +470,57 @@ fn report_receipt_latency(receiver: &Receiver, published: &[Published]) {
     );
 }
 
+/// The process's metrics, as Prometheus text.
+async fn metrics(process: &TestGateway) -> anyhow::Result<String> {
+    Ok(process
+        .client
+        .get(format!("{}/metrics", process.base_url))
+        .send()
+        .await?
+        .text()
+        .await?)
+}
+
+/// The sum of a metric's series in Prometheus text (0 when absent).
+fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let value = rest.rsplit(' ').next()?;
+            (rest.starts_with(' ') || rest.starts_with('{')).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// The SQLite writer's commits since it started, durable and relaxed, and
+/// the writes each carried (the gateway's start-up writes included).
+async fn report_sqlite_commits(gateway: &TestGateway, expected: usize) -> anyhow::Result<()> {
+    let metrics = metrics(gateway).await?;
+    let commits = metric_sum(&metrics, "wasmhook_sqlite_commits_total");
+    let durable = metric_sum(
+        &metrics,
+        "wasmhook_sqlite_commits_total{durability=\"durable\"}",
+    );
+    let writes = metric_sum(&metrics, "wasmhook_sqlite_committed_writes_total");
+    println!(
+        "SQLite commits            {commits:>10} ({:.3} per delivery, {:.0} durable; {:.1} writes each)",
+        commits / expected as f64,
+        durable,
+        writes / commits.max(1.0)
+    );
+    Ok(())
+}
+
 /// The gateway's own measure of its plugin invocations (fresh instance,
 /// call, checks), wall clock on a busy machine, from the `/metrics` of
 /// every process (worker processes run the plugins when there are some).
 async fn report_plugin_time(processes: &[&TestGateway]) -> anyhow::Result<()> {
     let (mut sum, mut count) = (0.0, 0.0);
     for process in processes {
-        let metrics = process
-            .client
-            .get(format!("{}/metrics", process.base_url))
-            .send()
-            .await?
-            .text()
-            .await?;
-        let read = |name: &str| {
-            metrics
-                .lines()
-                .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        sum += read("wasmhook_plugin_duration_seconds_sum");
-        count += read("wasmhook_plugin_duration_seconds_count");
+        let metrics = metrics(process).await?;
+        sum += metric_sum(&metrics, "wasmhook_plugin_duration_seconds_sum");
+        count += metric_sum(&metrics, "wasmhook_plugin_duration_seconds_count");
     }
     println!(
         "plugin time in the gateway {:>10.1} µs per invocation, mean of {count}",
@@ -416,7 +560,28 @@ async fn wait_for_receipts(receiver: &Receiver, expected: usize) -> anyhow::Resu
 /// CPU time (user + system) a process has used so far, from /proc: less
 /// noisy than a rate on a machine the load generator shares.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time by thread name (threads of one name summed; a thread that
+/// ended is missing from the later snapshot).
+fn thread_cpu(pid: u32) -> BTreeMap<String, Duration> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let cpu = stat_cpu(&path.join("stat").to_string_lossy());
+        *by_name.entry(name.trim().to_owned()).or_default() += cpu;
+    }
+    by_name
+}
+
+/// User and system time from a `/proc/.../stat` file.
+fn stat_cpu(path: &str) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at 3.
     let fields: Vec<&str> = stat
         .rsplit_once(')')

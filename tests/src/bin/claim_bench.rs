@@ -1,15 +1,18 @@
 //! Claim latency against queue depth: fills a fresh database (SQLite, or
 //! PostgreSQL when `WASMHOOK_TEST_POSTGRES_URL` is set) with N pending
-//! deliveries, then times `claim_due` batches through the gateway's store,
-//! giving each batch back so the depth stays N. Prints the claim query's
-//! plan, and fails unless it walks the `deliveries_due` index: with a deep
-//! queue a sequential scan and sort would make every claim slower.
+//! deliveries spread over W webhooks, then times `claim_due` batches
+//! through the gateway's store, giving each batch back so the depth stays
+//! N. Prints the plan of the claim's lane walk, and fails unless it uses
+//! the `webhook_lanes_due` index: with a deep queue a sequential scan and
+//! sort would make every claim slower.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use wasmhook::store::{NewEvent, Store, StoreOptions, WebhookFields, now_ms};
+use wasmhook::clock::now_ms;
+use wasmhook::domain::{ClaimRequest, EventId, EventType, InFlightLimit, NewEvent};
+use wasmhook::store::{Store, StoreOptions};
 use wasmhook_tests::Workspace;
 
 #[derive(Parser, Debug)]
@@ -18,17 +21,23 @@ struct Args {
     /// Queue depths to measure.
     #[arg(long, value_delimiter = ',', default_value = "1000,1000000")]
     pending: Vec<usize>,
+    /// Webhooks the deliveries are spread over (at most one per delivery).
+    #[arg(long, default_value_t = 10_000)]
+    webhooks: usize,
     /// Deliveries per claim.
     #[arg(long, default_value_t = 64)]
     batch: u32,
+    /// In-flight limit of every webhook.
+    #[arg(long, default_value_t = 8)]
+    max_in_flight: u64,
     /// Claims timed per depth.
     #[arg(long, default_value_t = 300)]
     samples: usize,
 }
 
-/// The claim's row selection, as both backends run it.
-const CLAIM_SELECT: &str = "SELECT id FROM deliveries WHERE due_at IS NOT NULL AND due_at <= 9000000000000 \
-     ORDER BY due_at LIMIT 64";
+/// The claim's walk of the lanes with due work, as both backends run it.
+const CLAIM_SELECT: &str = "SELECT webhook_id FROM webhook_lanes \
+     WHERE next_due_at IS NOT NULL AND next_due_at <= 9000000000000 ORDER BY next_due_at LIMIT 64";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -36,14 +45,18 @@ async fn main() -> anyhow::Result<()> {
     for &pending in &args.pending {
         let workspace = Workspace::fresh().await;
         let store = Store::open(&workspace.database_url, &StoreOptions::default()).await?;
-        println!("{} with {pending} pending deliveries", store.backend());
+        let webhooks = args.webhooks.clamp(1, pending.max(1));
+        println!(
+            "{} with {pending} pending deliveries over {webhooks} webhooks",
+            store.backend()
+        );
         let fill = Instant::now();
-        fill_queue(&store, &workspace, pending).await?;
+        fill_queue(&store, &workspace, pending, webhooks).await?;
         println!("  filled in {:.1?}", fill.elapsed());
         let plan = claim_plan(&workspace).await?;
         println!("  claim plan: {}", plan.join(" / "));
-        if !plan.iter().any(|line| line.contains("deliveries_due")) {
-            bail!("the claim does not use the deliveries_due index");
+        if !plan.iter().any(|line| line.contains("webhook_lanes_due")) {
+            bail!("the claim does not use the webhook_lanes_due index");
         }
         measure(&store, &args).await?;
         store.close().await;
@@ -52,22 +65,27 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn measure(store: &Store, args: &Args) -> anyhow::Result<()> {
-    let lease = Duration::from_secs(60);
+    let request = ClaimRequest {
+        limit: args.batch,
+        lease: Duration::from_secs(60),
+        default_max_in_flight: InFlightLimit::parse(args.max_in_flight)
+            .map_err(anyhow::Error::msg)?,
+    };
     let mut samples = Vec::with_capacity(args.samples);
     for _ in 0..args.samples {
         let started = Instant::now();
-        let claimed = store.claim_due(args.batch, lease).await?;
+        let claimed = store.claim_due(request).await?;
         samples.push(started.elapsed());
-        if claimed.len() != args.batch as usize {
-            bail!("claimed {} of {}", claimed.len(), args.batch);
+        if claimed.is_empty() {
+            bail!("claimed nothing of {} pending", args.batch);
         }
-        let claims = claimed.into_iter().map(|c| (c.id, c.claim_token)).collect();
+        let claims = claimed.iter().map(|c| c.held()).collect();
         store.release(claims).await?;
     }
     samples.sort();
     let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
     println!(
-        "  claim of {} deliveries: p50 {:.2?}  p99 {:.2?}",
+        "  claim of up to {} deliveries: p50 {:.2?}  p99 {:.2?}",
         args.batch,
         at(0.50),
         at(0.99)
@@ -75,63 +93,68 @@ async fn measure(store: &Store, args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One app, webhook and event through the store; then `pending` delivery
-/// rows for them, written in bulk behind the store's back.
-async fn fill_queue(store: &Store, workspace: &Workspace, pending: usize) -> anyhow::Result<()> {
+/// One app and event through the store; then `webhooks` webhooks with
+/// their lanes and `pending` delivery rows spread over them, written in
+/// bulk behind the store's back.
+async fn fill_queue(
+    store: &Store,
+    workspace: &Workspace,
+    pending: usize,
+    webhooks: usize,
+) -> anyhow::Result<()> {
     let app = store.create_app("bench", None).await?;
-    let fields = WebhookFields {
-        url: "http://127.0.0.1:9/bench".into(),
-        description: String::new(),
-        event_types: None,
-        enabled: true,
-        headers: "{}".into(),
-        raw_payload: false,
-        plugin: None,
-    };
-    let webhook = store
-        .create_webhook(&app.id, &fields, "whsec_bench")
-        .await?;
     let event = store
         .publish(NewEvent {
             app_id: app.id.clone(),
-            id: "msg_bench".into(),
-            event_type: "bench.tick".into(),
+            id: EventId::from("msg_bench"),
+            event_type: EventType::parse("bench.tick").expect("event type"),
             payload: "{}".into(),
             idempotency_key: None,
             dedup_since: 0,
         })
         .await?;
-    let now = now_ms();
-    // Due times spread over the past, so claims walk the index in order.
-    let sql = if workspace.is_postgres() {
-        format!(
-            "INSERT INTO deliveries (id, app_id, event_id, webhook_id, status, due_at, created_at, updated_at) \
-             SELECT 'dlv_bench_' || g, '{app}', '{event}', '{webhook}', 'pending', {now} - g, {now}, {now} \
-             FROM generate_series(1, {pending}) AS g",
-            app = app.id,
-            event = event.event_id,
-            webhook = webhook.id
-        )
+    let (app, event, now) = (app.id, event.event_id, now_ms());
+    // Due times spread over the past, so claims walk the lanes in order.
+    let (series, from) = if workspace.is_postgres() {
+        ("generate_series(1, {n}) AS g", "")
     } else {
-        format!(
-            "WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < {pending}) \
-             INSERT INTO deliveries (id, app_id, event_id, webhook_id, status, due_at, created_at, updated_at) \
-             SELECT 'dlv_bench_' || g, '{app}', '{event}', '{webhook}', 'pending', {now} - g, {now}, {now} FROM s",
-            app = app.id,
-            event = event.event_id,
-            webhook = webhook.id
+        (
+            "",
+            "WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < {n}) ",
         )
     };
-    execute(workspace, &sql).await?;
-    execute(
-        workspace,
+    let rows = |n: usize, select: &str| {
         if workspace.is_postgres() {
-            "ANALYZE deliveries"
+            format!("{select} FROM {}", series.replace("{n}", &n.to_string()))
         } else {
-            "ANALYZE"
-        },
-    )
-    .await
+            format!("{}{select} FROM s", from.replace("{n}", &n.to_string()))
+        }
+    };
+    let statements = [
+        rows(
+            webhooks,
+            &format!(
+                "INSERT INTO webhooks (id, app_id, url, description, enabled, headers, raw_payload, secret, \
+                 created_at, updated_at) SELECT 'wh_bench_' || g, '{app}', 'http://127.0.0.1:9/bench', '', \
+                 TRUE, '{{}}', FALSE, 'whsec_bench', {now}, {now}"
+            ),
+        ),
+        rows(
+            pending,
+            &format!(
+                "INSERT INTO deliveries (id, app_id, event_id, webhook_id, status, due_at, created_at, updated_at) \
+                 SELECT 'dlv_bench_' || g, '{app}', '{event}', 'wh_bench_' || (1 + g % {webhooks}), 'pending', \
+                 {now} - g, {now}, {now}"
+            ),
+        ),
+        "INSERT INTO webhook_lanes (webhook_id, next_due_at) SELECT webhook_id, MIN(due_at) \
+         FROM deliveries WHERE webhook_id LIKE 'wh_bench_%' GROUP BY webhook_id"
+            .to_owned(),
+    ];
+    for sql in statements {
+        execute(workspace, &sql).await?;
+    }
+    execute(workspace, "ANALYZE").await
 }
 
 async fn execute(workspace: &Workspace, sql: &str) -> anyhow::Result<()> {

@@ -101,7 +101,7 @@ fn call(
     event: &PluginEvent,
     config: &str,
 ) -> wasmhook::plugin::Invocation {
-    rt.block_on(host.invoke(plugin, event, config))
+    rt.block_on(host.run(plugin, event.clone(), config.to_owned(), "bench"))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -263,7 +263,10 @@ fn main() {
     let mut worst = Duration::ZERO;
     for _ in 0..20 {
         let out = call(&rt, &host, &runaway, &event, r#"{"mode":"loop"}"#);
-        assert_eq!(out.result.as_ref().err().map(|e| e.kind()), Some("timeout"));
+        assert_eq!(
+            out.result.as_ref().err().map(|e| e.kind().as_str()),
+            Some("timeout")
+        );
         worst = worst.max(out.duration);
     }
     println!(
@@ -326,7 +329,7 @@ fn many_tasks(host: &Arc<PluginHost>, plugin: &Ready, event: &PluginEvent, secon
                     let mut calls = 0u64;
                     while Instant::now() < deadline {
                         let out = host
-                            .run(&plugin, event.clone(), REWRITE_CONFIG.into())
+                            .run(&plugin, event.clone(), REWRITE_CONFIG.into(), "bench")
                             .await;
                         std::hint::black_box(out);
                         calls += 1;

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use futures::StreamExt;
 use serde_json::{Value, json};
 use wasmhook_tests::{TestGateway, gateway_binary};
 
@@ -89,6 +90,8 @@ async fn an_admin_runs_the_whole_flow_from_the_command_line() {
             "order.*",
             "--header",
             "X-Team=ops",
+            "--max-in-flight",
+            "4",
             "--json",
         ],
     )
@@ -97,6 +100,7 @@ async fn an_admin_runs_the_whole_flow_from_the_command_line() {
     let webhook = created["id"].as_str().unwrap().to_owned();
     let secret = created["secret"].as_str().unwrap().to_owned();
     assert_eq!(created["event_types"], json!(["order.*"]));
+    assert_eq!(created["max_in_flight"], 4);
     world.remember_secret("/cli", &secret);
     let table = admin(gateway, &["webhook", "list", "--app", "shop"])
         .await
@@ -354,16 +358,17 @@ async fn admin_fails(gateway: &TestGateway, args: &[&str]) -> String {
 async fn long_lists_are_cut_at_a_thousand() {
     let world = World::new().await;
     let gateway = &world.gateway;
-    let mut creates = tokio::task::JoinSet::new();
-    for i in 0..1050 {
-        let request = gateway
-            .request(reqwest::Method::POST, "/v1/apps")
-            .json(&json!({ "name": format!("app {i}") }));
-        creates.spawn(async move { request.send().await.map(|r| r.status()) });
-    }
-    while let Some(created) = creates.join_next().await {
-        assert_eq!(created.unwrap().unwrap(), reqwest::StatusCode::CREATED);
-    }
+    futures::stream::iter(0..1050)
+        .for_each_concurrent(32, |i| async move {
+            let created = gateway
+                .request(reqwest::Method::POST, "/v1/apps")
+                .json(&json!({ "name": format!("app {i}") }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(created.status(), reqwest::StatusCode::CREATED);
+        })
+        .await;
     let ran = admin(gateway, &["app", "list", "--json"]).await;
     assert_eq!(ran.json().as_array().unwrap().len(), 1000);
     assert!(

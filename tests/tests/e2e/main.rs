@@ -5,6 +5,7 @@
 mod api;
 mod cli;
 mod delivery;
+mod fairness;
 mod openapi;
 mod operations;
 mod plugins;

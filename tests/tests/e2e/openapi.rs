@@ -61,6 +61,7 @@ async fn the_document_describes_exactly_the_routes_served() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/json");
     let document: Value = response.json().await.unwrap();
     assert!(
         document["openapi"].as_str().unwrap().starts_with("3.1"),
@@ -102,6 +103,10 @@ async fn the_document_describes_exactly_the_routes_served() {
     assert_eq!(docs.status(), StatusCode::OK);
     let page = docs.text().await.unwrap();
     assert!(page.contains(r#"data-url="/openapi.json""#), "{page}");
+    assert!(
+        !page.contains("src=\"http"),
+        "the page loads nothing from other hosts"
+    );
 }
 
 /// Schemathesis (installed by scripts/test) generates requests from the

@@ -117,6 +117,13 @@ async fn metrics_count_events_attempts_plugins_and_the_queue() {
     assert_eq!(at("wasmhook_queue_in_flight"), 0.0);
     assert_eq!(at("wasmhook_queue_oldest_due_age_seconds"), 0.0);
     assert!(page.contains("# HELP wasmhook_queue_due"), "{page}");
+    if !world.gateway.workspace.is_postgres() {
+        // Publishes commit durably; claims and attempt records may not.
+        let durable = at(r#"wasmhook_sqlite_commits_total{durability="durable"}"#);
+        let relaxed = at(r#"wasmhook_sqlite_commits_total{durability="relaxed"}"#);
+        assert!(durable >= 3.0 && relaxed >= 1.0, "{page}");
+        assert!(at("wasmhook_sqlite_committed_writes_total") >= durable + relaxed);
+    }
 }
 
 /// With no worker, published deliveries wait: the gauges say how many and

@@ -349,6 +349,120 @@ async fn hostile_plugins_fail_their_attempt_and_others_keep_flowing() {
         .await;
 }
 
+/// What a plugin hands back is checked and bounded before it reaches the
+/// wire, the database or an answer: malformed or oversized headers and
+/// content types fail the attempt with a short message, an 8 MiB error
+/// or skip reason is stored cut to a few KiB, and nothing is sent.
+#[tokio::test]
+async fn malformed_or_oversized_plugin_output_is_a_bounded_plugin_error() {
+    let gateway = GatewayBuilder::default()
+        .env("WASMHOOK_RETRY_SCHEDULE", "1h")
+        .env("WASMHOOK_PLUGIN_DEADLINE", "2s")
+        .spawn()
+        .await;
+    let world = World::with(gateway).await;
+    let hostile = world.gateway.plugin("hostile").await;
+    let modes = [
+        ("crlf-header", "invalid_output", "not a valid header value"),
+        (
+            "space-header-name",
+            "invalid_output",
+            "not a valid header name",
+        ),
+        (
+            "many-headers",
+            "invalid_output",
+            "20000 headers; at most 32",
+        ),
+        ("huge-header-value", "invalid_output", "at most 8192"),
+        ("huge-content-type", "invalid_output", "the content type is"),
+        ("huge-error", "plugin_error", "bytes cut"),
+        ("huge-skip", "", ""),
+    ];
+    let mut webhooks = Vec::new();
+    for (mode, _, _) in modes {
+        let extra = json!({"plugin": {"id": hostile, "config": {"mode": mode}}, "event_types": [format!("bad.{mode}")]});
+        webhooks.push(world.webhook(&format!("/bad/{mode}"), extra).await.0);
+    }
+    world.webhook("/healthy", json!({})).await;
+    let mut deliveries = Vec::new();
+    for ((mode, kind, says), webhook) in modes.into_iter().zip(webhooks) {
+        let accepted = world.publish(&format!("bad.{mode}"), json!({"n": 1})).await;
+        let id = accepted["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["webhook_id"] == webhook.as_str())
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("{mode}: no delivery to its webhook: {accepted}"));
+        deliveries.push((mode, kind, says, id));
+    }
+    let got = world.wait_for(modes.len(), PATIENCE).await;
+    assert!(
+        got.iter().all(|r| r.path == "/healthy"),
+        "a malformed plugin output reached the wire"
+    );
+    for (mode, kind, says, id) in deliveries {
+        let path = world.path(&format!("/deliveries/{id}"));
+        let d = world
+            .gateway
+            .poll(&path, PATIENCE, |d| d["attempt_count"] == 1)
+            .await;
+        let text = d.to_string();
+        assert!(
+            text.len() < 16 * 1024,
+            "{mode}: {} bytes stored",
+            text.len()
+        );
+        if mode == "huge-skip" {
+            assert_eq!(d["status"], "skipped", "{d}");
+            let reason = d["skip_reason"].as_str().unwrap();
+            assert!(
+                reason.len() <= 1024 && reason.ends_with("bytes cut)"),
+                "{reason}"
+            );
+            continue;
+        }
+        let attempt = &d["attempts"][0];
+        assert_eq!(
+            (&d["status"], &attempt["outcome"]),
+            (&json!("failed"), &json!("plugin")),
+            "{mode}: {d}"
+        );
+        assert_eq!(attempt["plugin_error"], kind, "{mode}: {d}");
+        let error = attempt["error"].as_str().unwrap();
+        assert!(error.contains(says), "{mode}: {error}");
+        assert!(
+            error.len() <= 4096,
+            "{mode}: an error of {} bytes",
+            error.len()
+        );
+        assert!(d["last_error"].as_str().unwrap().len() <= 4096, "{mode}");
+    }
+
+    // The playground's answer is bounded too.
+    for mode in [
+        "huge-error",
+        "huge-skip",
+        "huge-header-value",
+        "many-headers",
+    ] {
+        let body = json!({"event_type": "a.b", "payload": {}, "config": {"mode": mode}});
+        let (status, answer) = world
+            .gateway
+            .post(&format!("/v1/plugins/{hostile}/test"), body)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{mode}: {answer}");
+        let size = answer.to_string().len();
+        assert!(
+            size < 16 * 1024,
+            "{mode}: the playground answered {size} bytes"
+        );
+    }
+    let (status, _) = world.gateway.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK, "the gateway keeps running");
+}
+
 /// Plugins of one claimed batch run back to back on one task; a runaway
 /// among them yields at every epoch tick, so the others are delivered
 /// long before its deadline.
@@ -451,7 +565,7 @@ async fn both_compiler_tiers_run_plugins_within_the_sandbox() {
         assert_eq!(plain.is_optimized(), optimized);
         assert_eq!(host.cached("p").expect("cached").is_optimized(), optimized);
 
-        let done = host.run(&plain, event.clone(), "{}".into()).await;
+        let done = host.run(&plain, event.clone(), "{}".into(), "p").await;
         match done.result {
             Ok(Decision::Deliver(d)) => assert_eq!(d.body, event.payload.as_bytes()),
             other => panic!("tier optimized={optimized}: {other:?}"),
@@ -463,9 +577,13 @@ async fn both_compiler_tiers_run_plugins_within_the_sandbox() {
             ("trap", "trap"),
         ] {
             let config = json!({ "mode": mode }).to_string();
-            let done = host.run(&runaway, event.clone(), config).await;
+            let done = host.run(&runaway, event.clone(), config, "h").await;
             let error = done.result.expect_err(mode);
-            assert_eq!(error.kind(), kind, "{mode}, optimized={optimized}: {error}");
+            assert_eq!(
+                error.kind().as_str(),
+                kind,
+                "{mode}, optimized={optimized}: {error}"
+            );
         }
     }
 }

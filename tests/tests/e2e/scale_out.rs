@@ -1,7 +1,8 @@
 //! Several gateway processes on one PostgreSQL queue: an API-only process
 //! and two worker-only processes deliver every event to every webhook, none
 //! twice; a worker killed mid-run loses nothing, and only deliveries that
-//! were in flight in it when it died may arrive twice.
+//! were in flight in it when it died may arrive twice; two workers keep a
+//! webhook's in-flight limit together.
 //!
 //! Ignored in the SQLite run; `scripts/test` runs them against PostgreSQL.
 
@@ -18,6 +19,19 @@ const EVENTS: usize = 5_000;
 const WEBHOOKS: usize = 5;
 const PUBLISHERS: usize = 16;
 const PATIENCE: Duration = Duration::from_secs(240);
+
+/// Two worker-only processes on the world's database.
+async fn two_workers(world: &World) -> Vec<TestGateway> {
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let worker = world
+            .gateway
+            .another(|b| b.env("WASMHOOK_ROLE", "worker"))
+            .await;
+        workers.push(worker);
+    }
+    workers
+}
 
 /// One API process (the world's gateway) and two worker processes.
 struct Cluster {
@@ -51,14 +65,7 @@ impl Cluster {
         world
             .receiver
             .always(Reply::status(200).delay(Duration::from_millis(5)));
-        let mut workers = Vec::new();
-        for _ in 0..2 {
-            let worker = world
-                .gateway
-                .another(|b| b.env("WASMHOOK_ROLE", "worker"))
-                .await;
-            workers.push(worker);
-        }
+        let workers = two_workers(&world).await;
         Self {
             world,
             workers,
@@ -220,4 +227,39 @@ async fn in_flight_pairs(cluster: &Cluster, pid: u32) -> BTreeSet<(String, Strin
     rows.into_iter()
         .map(|(event, webhook)| (event, path_of[&webhook].clone()))
         .collect()
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL; scripts/test runs it"]
+async fn two_workers_keep_a_webhooks_in_flight_limit_together() {
+    const LIMIT: usize = 3;
+    const EVENTS: usize = 200;
+    assert!(
+        std::env::var(TEST_POSTGRES_URL).is_ok_and(|url| !url.is_empty()),
+        "scale-out tests need PostgreSQL: set {TEST_POSTGRES_URL} or run scripts/test"
+    );
+    let builder = GatewayBuilder::default().env("WASMHOOK_LOG", "info");
+    let api = builder.env("WASMHOOK_ROLE", "api").spawn().await;
+    let world = World::with(api).await;
+    // Slow enough that both workers always have claims waiting.
+    world
+        .receiver
+        .always(Reply::status(200).delay(Duration::from_millis(20)));
+    world
+        .webhook("/limited", json!({"max_in_flight": LIMIT}))
+        .await;
+    let _workers = two_workers(&world).await;
+    for n in 0..EVENTS {
+        world.publish("limited.tick", json!({ "n": n })).await;
+    }
+    world.wait_for(EVENTS, PATIENCE).await;
+    let most = world.receiver.most_at_once();
+    assert!(
+        most <= LIMIT,
+        "{most} requests at once against a limit of {LIMIT}"
+    );
+    assert_eq!(
+        most, LIMIT,
+        "the limit was never reached: the test proves nothing"
+    );
 }

@@ -5,11 +5,14 @@
 
 use sqlx::PgPool;
 
-use crate::store::{StoreResult, check_schema_version, now_ms};
+use crate::clock::now_ms;
+use crate::store::{StoreResult, check_schema_version};
 
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../../migrations/postgres/0001_init.sql"),
     include_str!("../../../../migrations/postgres/0002_retention.sql"),
+    include_str!("../../../../migrations/postgres/0003_lanes.sql"),
+    include_str!("../../../../migrations/postgres/0004_lane_streaks.sql"),
 ];
 /// Any constant: the key of the advisory lock migrations hold.
 const LOCK_KEY: i64 = 0x7761_736d_686f_6f6b;

@@ -10,6 +10,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../../migrations/sqlite/0001_init.sql"),
     include_str!("../../../../migrations/sqlite/0002_plugins.sql"),
     include_str!("../../../../migrations/sqlite/0003_retention.sql"),
+    include_str!("../../../../migrations/sqlite/0004_lanes.sql"),
+    include_str!("../../../../migrations/sqlite/0005_lane_streaks.sql"),
 ];
 
 pub fn run(connection: &mut Connection) -> StoreResult<()> {

@@ -45,6 +45,26 @@ fn transform(event: Event, config: Config) -> Result<Outcome, Error> {
             "{:?}",
             std::env::vars().collect::<Vec<_>>()
         ))),
+        // What a plugin hands back must be bounded and valid before it is
+        // sent, stored or shown.
+        "crlf-header" => {
+            Ok(Outcome::deliver_bytes(b"{}".to_vec()).header("x-ok", "a\r\nx-injected: 1"))
+        }
+        "space-header-name" => Ok(Outcome::deliver_bytes(b"{}".to_vec()).header("x bad", "v")),
+        "many-headers" => {
+            let mut out = Outcome::deliver_bytes(b"{}".to_vec());
+            for i in 0..20_000 {
+                out = out.header(format!("x-h{i}"), "v");
+            }
+            Ok(out)
+        }
+        "huge-header-value" => {
+            Ok(Outcome::deliver_bytes(b"{}".to_vec()).header("x-big", "v".repeat(4 << 20)))
+        }
+        "huge-content-type" => Ok(Outcome::deliver_bytes(b"{}".to_vec())
+            .content_type(format!("application/{}", "x".repeat(1 << 20)))),
+        "huge-error" => Err(Error::new("e".repeat(8 << 20))),
+        "huge-skip" => Ok(Outcome::skip("s".repeat(8 << 20))),
         "log-flood" => {
             for i in 0..10_000 {
                 wasmhook_sdk::info!("line {i}");

@@ -1,10 +1,13 @@
-//! Domain values that parse instead of validate: an event type, a
-//! webhook's event-type filter, custom delivery headers, an event id.
-//! Each type can only hold a value that passed its checks.
+//! Values that parse instead of validate: an event type, a webhook's
+//! event-type filter, custom delivery headers, a client-chosen event id.
+//! Each type can only hold a value that passed its checks (or was read
+//! back from the store, which only ever stored checked values).
 
 use std::collections::BTreeMap;
 
 use reqwest::header::{HeaderName, HeaderValue};
+
+use super::ids::EventId;
 
 const MAX_EVENT_TYPE_LEN: usize = 256;
 const MAX_FILTERS: usize = 256;
@@ -161,8 +164,55 @@ impl CustomHeaders {
     }
 }
 
+/// How many attempts may be in flight to one webhook at once, across every
+/// gateway process: what keeps one slow endpoint from taking every slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InFlightLimit(u32);
+
+impl InFlightLimit {
+    pub const MAX: u32 = 10_000;
+
+    pub fn parse(n: u64) -> Result<Self, String> {
+        match u32::try_from(n) {
+            Ok(n @ 1..=Self::MAX) => Ok(Self(n)),
+            _ => Err(format!("must be between 1 and {}", Self::MAX)),
+        }
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+/// The most bytes kept of any text a receiver or a plugin hands us that is
+/// stored, logged or returned: attempt errors, plugin error messages.
+pub const MAX_FOREIGN_TEXT: usize = 4096;
+
+/// `text` cut to at most `max` bytes, on a character boundary, ending with
+/// a note of how much was cut. Text from outside passes through here
+/// before it is stored, so no one can grow the database through it.
+pub fn bounded(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let note = format!(" … ({} bytes cut)", text.len());
+    let mut keep = max.saturating_sub(note.len());
+    while !text.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    text.truncate(keep);
+    text.push_str(&note);
+    text
+}
+
+/// The start of `text`, for quoting untrusted names in a message.
+pub fn quoted(text: &str) -> String {
+    const QUOTE: usize = 64;
+    bounded(text.to_owned(), QUOTE + 24)
+}
+
 /// A client-chosen event id; it becomes the `webhook-id` header.
-pub fn parse_event_id(text: &str) -> Result<String, String> {
+pub fn parse_event_id(text: &str) -> Result<EventId, String> {
     if text.is_empty() || text.len() > MAX_ID_LEN {
         return Err(format!("must be 1 to {MAX_ID_LEN} characters"));
     }
@@ -172,7 +222,7 @@ pub fn parse_event_id(text: &str) -> Result<String, String> {
     {
         return Err(format!("contains `{bad}`; use letters, digits and _ - ."));
     }
-    Ok(text.to_owned())
+    Ok(EventId::from(text))
 }
 
 #[cfg(test)]
@@ -205,6 +255,17 @@ mod tests {
         ] {
             assert!(EventTypeFilter::parse(Some(&bad)).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn foreign_text_is_cut_on_a_character_boundary() {
+        assert_eq!(bounded("short".into(), 16), "short");
+        let long = "é".repeat(10_000);
+        let cut = bounded(long, MAX_FOREIGN_TEXT);
+        assert!(cut.len() <= MAX_FOREIGN_TEXT, "{}", cut.len());
+        assert!(cut.ends_with("(20000 bytes cut)"), "{cut}");
+        assert!(cut.starts_with("éé"));
+        assert!(quoted(&"x".repeat(1 << 20)).len() <= 88);
     }
 
     #[test]

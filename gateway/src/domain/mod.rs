@@ -1,0 +1,16 @@
+//! The domain: values that parse instead of validate ([`values`]), typed
+//! ids ([`ids`]), the states and outcomes the gateway records
+//! ([`states`]), how failing webhooks are paced ([`pacing`]), and the records the API, the store and the delivery
+//! worker exchange ([`records`]). Nothing here touches a database or the
+//! network.
+
+pub mod ids;
+pub mod pacing;
+pub mod records;
+pub mod states;
+pub mod values;
+
+pub use ids::*;
+pub use records::*;
+pub use states::*;
+pub use values::*;

@@ -207,7 +207,7 @@ impl TestGateway {
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut banner = Vec::new();
-        let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.expect("read stdout") {
                 banner.push(line.clone());
                 if let Some(url) = line.strip_prefix("wasmhook listening on ") {

@@ -22,8 +22,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use wasmhook_tests::{Received, Receiver, TestGateway, spawn_app, verify_signature};
 
-/// Long enough for any single delivery on a loaded CI machine.
-pub const PATIENCE: Duration = Duration::from_secs(20);
+/// Long enough for any single delivery on a loaded CI machine: a test
+/// that passes never waits it out, so it errs on the long side.
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// A gateway with one app and a receiver; the common start of a test.
 /// It remembers each webhook's secret by receiver path, so every delivery

@@ -161,7 +161,7 @@ async fn sigterm_releases_what_cannot_finish_in_the_grace_period() {
 
     // Released, not left to a 120 s lease: sent again right after restart.
     let world = world.restarted().await;
-    world.wait_for(2, Duration::from_secs(10)).await;
+    world.wait_for(2, crate::PATIENCE).await;
     let id = accepted["deliveries"][0]["id"].as_str().unwrap();
     world
         .gateway

@@ -65,13 +65,13 @@ async fn retry_gap(schedule: &str, reply: Reply) -> Duration {
 
 #[tokio::test]
 async fn retry_after_is_honoured() {
-    let gap = retry_gap("10s,10s", Reply::status(429).header("retry-after", "1")).await;
+    let gap = retry_gap("30s,30s", Reply::status(429).header("retry-after", "1")).await;
     assert!(
         gap >= Duration::from_millis(900),
         "retried too early: {gap:?}"
     );
     assert!(
-        gap < Duration::from_secs(8),
+        gap < Duration::from_secs(20),
         "schedule used instead of Retry-After: {gap:?}"
     );
 }

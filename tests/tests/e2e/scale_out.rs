@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::json;
 use wasmhook_tests::{GatewayBuilder, Reply, TEST_POSTGRES_URL, TestGateway};
@@ -48,9 +49,11 @@ impl Cluster {
             "scale-out tests need PostgreSQL: set {TEST_POSTGRES_URL} or run scripts/test"
         );
         // The lease is long enough that only a dead worker's claims are
-        // taken over, even on a loaded machine.
+        // taken over, even on a loaded machine: a live worker's claim that
+        // outlasted it would be sent twice, and the test would blame the
+        // gateway for the machine's load.
         let builder = GatewayBuilder::default()
-            .env("WASMHOOK_LEASE", "10s")
+            .env("WASMHOOK_LEASE", "30s")
             .env("WASMHOOK_REQUEST_TIMEOUT", "2s")
             .env("WASMHOOK_LOG", "info");
         let api = builder.env("WASMHOOK_ROLE", "api").spawn().await;
@@ -248,10 +251,17 @@ async fn two_workers_keep_a_webhooks_in_flight_limit_together() {
     world
         .webhook("/limited", json!({"max_in_flight": LIMIT}))
         .await;
+    // The backlog is queued before the workers start, so the limit is
+    // what holds them back, not how fast the test publishes.
+    futures::stream::iter(0..EVENTS)
+        .for_each_concurrent(PUBLISHERS, |n| {
+            let world = &world;
+            async move {
+                world.publish("limited.tick", json!({ "n": n })).await;
+            }
+        })
+        .await;
     let _workers = two_workers(&world).await;
-    for n in 0..EVENTS {
-        world.publish("limited.tick", json!({ "n": n })).await;
-    }
     world.wait_for(EVENTS, PATIENCE).await;
     let most = world.receiver.most_at_once();
     assert!(

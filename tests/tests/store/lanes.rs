@@ -220,7 +220,7 @@ async fn fail_until_paced(f: &Fixture) -> usize {
 
 /// The shortest pause the tests assert holds a lane: longer than a few
 /// store calls take on a loaded machine.
-const HELD_PAUSE_MS: i64 = 500;
+const HELD_PAUSE_MS: i64 = 1_000;
 
 /// Fails a paced lane's attempts one at a time, each after the pause
 /// before it, until the pause after the last is at least

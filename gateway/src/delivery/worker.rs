@@ -75,14 +75,15 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let (results, recorder_rx) = mpsc::channel(this.config.concurrency * 2);
+        let ledger = Arc::new(Ledger::default());
         let recorder = tokio::spawn(record_loop(
             this.store.clone(),
             recorder_rx,
+            ledger.clone(),
             this.config.batch_size,
             this.wake.clone(),
         ));
         let slots = Arc::new(Semaphore::new(this.config.concurrency));
-        let ledger = Arc::new(Ledger::default());
         let mut tasks = JoinSet::new();
 
         while !shutdown.is_cancelled() {
@@ -316,9 +317,14 @@ impl Ledger {
         self.lock().held.insert(claim.delivery_id, claim.token);
     }
 
-    /// The attempt's record went to the recorder: no longer ours.
+    /// The attempt's record goes to the recorder: no longer ours.
     fn recorded(&self, delivery_id: &DeliveryId) {
         self.lock().held.remove(delivery_id);
+    }
+
+    /// Claims whose attempts have not handed over their records yet.
+    fn unreported(&self) -> usize {
+        self.lock().held.len()
     }
 
     /// Dropped unrecorded: to be given back.
@@ -381,10 +387,11 @@ impl Claim {
             .attempt(&self.delivery, invocation)
             .instrument(span)
             .await;
-        if results.send(record).await.is_ok() {
-            self.ledger.recorded(&self.delivery.id);
-            self.recorded = true;
-        }
+        // Marked before the send, so the recorder, gathering a batch,
+        // never waits for a record it already has; should the recorder
+        // be gone, the drop below gives the delivery back.
+        self.ledger.recorded(&self.delivery.id);
+        self.recorded = results.send(record).await.is_ok();
     }
 }
 
@@ -477,12 +484,17 @@ fn log_outcome(record: &AttemptRecord) {
 async fn record_loop(
     store: Store,
     mut results: mpsc::Receiver<AttemptRecord>,
+    ledger: Arc<Ledger>,
     batch_size: usize,
     wake: Arc<Notify>,
 ) {
     const TRIES: u32 = 8;
     let mut received = Vec::with_capacity(batch_size);
+    let linger = store.record_linger();
     while results.recv_many(&mut received, batch_size).await > 0 {
+        if !linger.is_zero() {
+            gather(&mut results, &mut received, &ledger, linger, batch_size).await;
+        }
         let batch = Arc::new(std::mem::take(&mut received));
         let mut backoff = Duration::from_millis(50);
         for tried in 1..=TRIES {
@@ -500,6 +512,32 @@ async fn record_loop(
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
+        }
+    }
+}
+
+/// Adds the results that arrive within `linger` of the first, up to a
+/// batch, and stops as soon as no attempt is left unreported: one
+/// delivery at a time (a steady trickle) is recorded at once. The
+/// attempts of one claim finish within a millisecond or two of each other;
+/// written as they came, one or two per transaction, they freed their
+/// lane's slots as often, and each freed slot was claimed on its own: to
+/// one endpoint on PostgreSQL, 1.4 deliveries per commit and 60% of the
+/// rate with the wait.
+async fn gather(
+    results: &mut mpsc::Receiver<AttemptRecord>,
+    received: &mut Vec<AttemptRecord>,
+    ledger: &Ledger,
+    linger: Duration,
+    batch_size: usize,
+) {
+    let until = tokio::time::Instant::now() + linger;
+    while received.len() < batch_size && ledger.unreported() > 0 {
+        let more = batch_size - received.len();
+        match tokio::time::timeout_at(until, results.recv_many(received, more)).await {
+            Ok(got) if got > 0 => {}
+            // The time is up, or every sender is gone (shutdown).
+            _ => return,
         }
     }
 }

@@ -126,6 +126,18 @@ impl Store {
             Self::Postgres(_) => "postgres",
         }
     }
+
+    /// How long a recorder may wait for more attempt records to write in
+    /// one transaction, while attempts are in flight. PostgreSQL pays a
+    /// round trip and a commit per transaction; SQLite's writer already
+    /// commits whatever queued behind the last write together, so waiting
+    /// there only delays the lane's freed slots.
+    pub fn record_linger(&self) -> std::time::Duration {
+        match self {
+            Self::Sqlite(_) => std::time::Duration::ZERO,
+            Self::Postgres(_) => std::time::Duration::from_millis(2),
+        }
+    }
 }
 
 /// Forwards each listed method to the backend in use.

@@ -522,8 +522,8 @@ async fn record_loop(
 /// attempts of one claim finish within a millisecond or two of each other;
 /// written as they came, one or two per transaction, they freed their
 /// lane's slots as often, and each freed slot was claimed on its own: to
-/// one endpoint on PostgreSQL, 1.4 deliveries per commit and 60% of the
-/// rate with the wait.
+/// one endpoint on PostgreSQL, 1.4 deliveries per commit, and a drain of
+/// 3,400-3,600/s against 4,000-4,700/s with the wait.
 async fn gather(
     results: &mut mpsc::Receiver<AttemptRecord>,
     received: &mut Vec<AttemptRecord>,

@@ -42,10 +42,11 @@ const LANES_SQL: &str = "SELECT l.webhook_id, CASE WHEN l.streak <= -$4 THEN 1 \
 /// lanes', at least one): every row offered is locked, and locking eight
 /// from each of 64 lanes to keep 64 cost 7 of a claim's 10 ms. The lease
 /// is written to the rows `due` locked, found by their `ctid` (a TID scan;
-/// locked by this statement, they cannot move before it writes them):
-/// joined by id, the planner's guesses at a table growing under publishing
-/// scanned it whole with a hash join (5 of a claim's 9 ms with 10,000
-/// queued).
+/// locked by this statement, they cannot move before it writes them).
+/// Joined by id, the planner guessed `due` at the whole limit and scanned
+/// the table with a hash join (5 of a claim's 9 ms with 10,000 queued);
+/// matched against an array of ids, a table growing under publishing was
+/// planned worse still.
 const CLAIM_SQL: &str = "WITH lanes AS ( \
          SELECT * FROM UNNEST($3::text[], $4::bigint[]) AS l(webhook_id, max_in_flight)), \
      room AS ( \

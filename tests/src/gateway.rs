@@ -120,24 +120,54 @@ impl Workspace {
         self.dir.path().join("wasmhook.db")
     }
 
+    /// Runs a statement on the database behind the gateway's back (to
+    /// put it in a state only a crash or a lost race leaves).
+    pub async fn execute(&self, sql: &str) {
+        match self.connect().await {
+            Database::Postgres(mut db) => {
+                sqlx::query(sql)
+                    .execute(&mut db)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+            Database::Sqlite(db) => {
+                db.execute(sql, []).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+        }
+    }
+
     /// Runs a `SELECT count(*) …` on the database, behind the gateway's
     /// back (for what the API does not show, such as stored secrets).
     pub async fn count(&self, sql: &str) -> i64 {
-        if self.is_postgres() {
-            use sqlx::Connection;
-            let mut db = sqlx::PgConnection::connect(&self.database_url)
-                .await
-                .expect("connect to the test database");
-            sqlx::query_scalar(sql)
+        match self.connect().await {
+            Database::Postgres(mut db) => sqlx::query_scalar(sql)
                 .fetch_one(&mut db)
                 .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        } else {
-            let db = rusqlite::Connection::open(self.sqlite_file()).expect("open the database");
-            db.query_row(sql, [], |row| row.get(0))
-                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .unwrap_or_else(|e| panic!("{sql}: {e}")),
+            Database::Sqlite(db) => db
+                .query_row(sql, [], |row| row.get(0))
+                .unwrap_or_else(|e| panic!("{sql}: {e}")),
         }
     }
+
+    async fn connect(&self) -> Database {
+        if self.is_postgres() {
+            use sqlx::Connection;
+            let db = sqlx::PgConnection::connect(&self.database_url)
+                .await
+                .expect("connect to the test database");
+            Database::Postgres(db)
+        } else {
+            let db = rusqlite::Connection::open(self.sqlite_file()).expect("open the database");
+            Database::Sqlite(db)
+        }
+    }
+}
+
+/// A direct connection to a test's database.
+enum Database {
+    Postgres(sqlx::PgConnection),
+    Sqlite(rusqlite::Connection),
 }
 
 /// Creates a database of its own for one test on the server.

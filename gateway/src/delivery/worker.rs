@@ -10,6 +10,9 @@
 //! the delivery back to the queue. [`Worker::try_execute_batch`] is one
 //! whole step (claim, attempt, record) for tests to drive without polling.
 //!
+//! Now and then it sweeps the queue for lanes left idle with work due
+//! (see [`Store::wake_stranded_lanes`]).
+//!
 //! On shutdown it stops claiming, lets in-flight attempts finish within the
 //! grace period, and gives whatever is still unfinished back to the queue.
 
@@ -35,6 +38,10 @@ use crate::plugin::{Decision, Delivered, Invocation, Plugins};
 use crate::store::{Store, StoreResult};
 use crate::telemetry;
 use crate::url_safety::UrlPolicy;
+
+/// How often the worker sweeps for stranded lanes: a lost wake-up costs
+/// at most this long, well inside a lease.
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -83,6 +90,11 @@ impl Worker {
             this.config.batch_size,
             this.wake.clone(),
         ));
+        let sweeper = tokio::spawn(sweep_loop(
+            this.store.clone(),
+            this.wake.clone(),
+            shutdown.clone(),
+        ));
         let slots = Arc::new(Semaphore::new(this.config.concurrency));
         let mut tasks = JoinSet::new();
 
@@ -106,6 +118,7 @@ impl Worker {
             }
         }
         this.drain(tasks, results, recorder, ledger).await;
+        let _ = sweeper.await;
     }
 
     /// One whole step: claims a batch, makes every attempt of it, and
@@ -512,6 +525,27 @@ async fn record_loop(
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
+        }
+    }
+}
+
+/// Sweeps for stranded lanes every [`SWEEP_EVERY`] until shutdown, and
+/// wakes the claim loop when it found any.
+async fn sweep_loop(store: Store, wake: Arc<Notify>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match store.wake_stranded_lanes().await {
+            Ok(0) => {}
+            Ok(lanes) => {
+                tracing::warn!(lanes, "found lanes idle with work due; woke them");
+                wake.notify_one();
+            }
+            Err(error) => tracing::warn!(%error, "sweeping for stranded lanes failed"),
         }
     }
 }

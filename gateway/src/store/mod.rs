@@ -226,6 +226,12 @@ delegate! {
     /// Gives claimed deliveries back to the queue, due now (shutdown, or a
     /// claim dropped before its attempt was recorded).
     fn release(&self, claims: Vec<HeldClaim>) -> StoreResult<()>;
+    /// Marks due the lanes that are idle or waiting while work of theirs
+    /// is due, and returns how many. None should be: each is a wake-up
+    /// lost (a process stopped between a publish's commit and its wake),
+    /// and the worker runs this now and then so it costs a delay, not a
+    /// delivery.
+    fn wake_stranded_lanes(&self) -> StoreResult<u64>;
     /// The queue's shape at `now`, for metrics.
     fn queue_stats(&self, now: Millis) -> StoreResult<QueueStats>;
     /// Deletes up to `limit` events created before `cutoff`, with their

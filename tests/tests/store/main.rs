@@ -8,6 +8,7 @@ mod events;
 mod lanes;
 mod queue;
 mod records;
+mod wakes;
 mod worker;
 
 use std::time::Duration;
@@ -24,7 +25,7 @@ use wasmhook_tests::Workspace;
 /// A store on a fresh database; the workspace keeps its files alive.
 pub struct Fixture {
     pub store: Store,
-    _workspace: Workspace,
+    pub workspace: Workspace,
 }
 
 impl Fixture {
@@ -33,10 +34,7 @@ impl Fixture {
         let store = Store::open(&workspace.database_url, &StoreOptions { pool_size: 4 })
             .await
             .expect("store opens");
-        Self {
-            store,
-            _workspace: workspace,
-        }
+        Self { store, workspace }
     }
 
     pub async fn app(&self, name: &str) -> App {

@@ -83,9 +83,50 @@ const CLAIM_SQL: &str = "WITH lanes AS ( \
                      ORDER BY x.due_at LIMIT 1) END) \
          FROM room r LEFT JOIN taken t ON t.webhook_id = r.webhook_id \
          WHERE l.webhook_id = r.webhook_id)";
-/// New work for lanes that are not at their limit: (now, webhooks).
-const WAKE_FOR_WORK_SQL: &str = "UPDATE webhook_lanes SET next_due_at = $1 \
-     WHERE webhook_id = ANY($2) AND NOT parked AND (next_due_at IS NULL OR next_due_at > $1)";
+/// The CTE `locked` that every statement writing lanes (other than a
+/// claim's, which writes only lanes it already holds) starts with: the
+/// lanes `filter` picks, locked in webhook order, so that two such
+/// statements never wait on each other in a cycle (they did, when each
+/// wrote its lanes in the order its plan found them). After waiting for
+/// a lock, the filter is read again on the lane as the holder left it.
+fn locked_lanes(filter: &str) -> String {
+    format!(
+        "locked AS (SELECT webhook_id FROM webhook_lanes WHERE {filter} \
+         ORDER BY webhook_id FOR NO KEY UPDATE)"
+    )
+}
+
+/// New work for lanes that are not at their limit, in a publish's
+/// transaction: (now, webhooks); returns the lanes it moved. It leaves a
+/// lane that is due or full alone, and so does not lock it: a publish
+/// holding every lane it touches until its commit (a WAL flush) would
+/// make claims skip a busy lane while anyone publishes to it. The lanes
+/// it did not move are woken again after the commit
+/// ([`WAKE_AFTER_COMMIT_SQL`]).
+const WAKE_FOR_WORK: &str = "NOT parked AND (next_due_at IS NULL OR next_due_at > $1)";
+static WAKE_FOR_WORK_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {} UPDATE webhook_lanes SET next_due_at = $1 \
+         WHERE webhook_id IN (SELECT webhook_id FROM locked) RETURNING webhook_id",
+        locked_lanes(&format!("webhook_id = ANY($2) AND {WAKE_FOR_WORK}"))
+    )
+});
+/// The wake a claim cannot miss: (now, webhooks). It takes every lane's
+/// row lock whatever the lane's state, so it waits for a claim holding the
+/// lane and then reads the lane as that claim left it. A claim reads the
+/// queue in a snapshot taken when it starts; work committed after that
+/// is invisible to it, and it may mark the lane idle (or full) after
+/// the work's own conditional wake saw the lane due and moved nothing.
+/// The lanes a publish's transaction did not move go through here.
+static WAKE_AFTER_COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {} UPDATE webhook_lanes SET next_due_at = CASE \
+             WHEN NOT parked AND (next_due_at IS NULL OR next_due_at > $1) THEN $1 \
+             ELSE next_due_at END \
+         WHERE webhook_id IN (SELECT webhook_id FROM locked)",
+        locked_lanes("webhook_id = ANY($2)")
+    )
+});
 /// A lane's streak after a batch of its attempts, as in
 /// `pacing::BatchStreak::applied_to`; `r` is the batch, `$8` the longest
 /// streak.
@@ -95,31 +136,94 @@ const NEW_STREAK: &str = "GREATEST(-$8, LEAST($8, CASE WHEN r.recent = 0 THEN l.
 /// a slot came free, now or, for a paced lane, after its pause (parked
 /// until then): (now, failures to pace, first pause, longest pause,
 /// webhooks, their recent streaks, broken, longest streak). The streak is computed
-/// from the row being updated, so concurrent recorders never lose one; a
-/// healthy lane in its steady state is left as it is.
+/// from the row being updated, so concurrent recorders never lose one.
+/// Every lane is written, even one whose state stays as it was: the
+/// write waits for a claim holding the lane, which may have counted
+/// these attempts as in flight and parked the lane full.
 static RECORDED_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "UPDATE webhook_lanes l SET streak = {s}, parked = {s} <= -$2, next_due_at = CASE \
+        "WITH {locked} UPDATE webhook_lanes l SET streak = {s}, parked = {s} <= -$2, next_due_at = CASE \
              WHEN {s} <= -$2 THEN $1 + LEAST($3::bigint << LEAST(-({s}) - $2, 16)::int, $4) \
              WHEN l.parked OR l.next_due_at IS NULL OR l.next_due_at > $1 THEN $1 \
              ELSE l.next_due_at END \
          FROM UNNEST($5::text[], $6::bigint[], $7::boolean[]) AS r(webhook_id, recent, broken) \
-         WHERE l.webhook_id = r.webhook_id \
-         AND ({s} <> l.streak OR {s} <= -$2 OR l.parked OR l.next_due_at IS NULL OR l.next_due_at > $1)",
+         WHERE l.webhook_id = r.webhook_id AND l.webhook_id IN (SELECT webhook_id FROM locked)",
+        locked = locked_lanes("webhook_id = ANY($5)"),
         s = NEW_STREAK
     )
 });
-/// Slots of these lanes came free: (now, webhooks).
-const WAKE_WITH_ROOM_SQL: &str = "UPDATE webhook_lanes SET parked = FALSE, next_due_at = $1 \
-     WHERE webhook_id = ANY($2) AND (parked OR next_due_at IS NULL OR next_due_at > $1)";
+/// Slots of these lanes came free: (now, webhooks). Written whatever the
+/// lane's state, as [`WAKE_AFTER_COMMIT_SQL`] is, and for its reason.
+static WAKE_WITH_ROOM_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {} UPDATE webhook_lanes SET parked = FALSE, next_due_at = CASE \
+             WHEN parked OR next_due_at IS NULL OR next_due_at > $1 THEN $1 ELSE next_due_at END \
+         WHERE webhook_id IN (SELECT webhook_id FROM locked)",
+        locked_lanes("webhook_id = ANY($2)")
+    )
+});
+
+/// A new event with its deliveries, in one statement and transaction,
+/// unless its id or idempotency key is taken; wakes the lanes it can
+/// (as [`WAKE_FOR_WORK_SQL`]): (app, event id, type, payload, key, now,
+/// delivery ids, their webhooks); returns whether the event went in and
+/// the lanes it moved.
+static PUBLISH_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH event AS ( \
+             INSERT INTO events (app_id, id, event_type, payload, idempotency_key, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING app_id, id), \
+         queued AS ( \
+             INSERT INTO deliveries (id, app_id, event_id, webhook_id, status, due_at, created_at, updated_at) \
+             SELECT d.id, e.app_id, e.id, d.webhook_id, 'pending', $6, $6, $6 \
+             FROM event e, UNNEST($7::text[], $8::text[]) AS d(id, webhook_id) RETURNING 1), \
+         {locked}, \
+         woken AS ( \
+             UPDATE webhook_lanes SET next_due_at = $6 \
+             WHERE webhook_id IN (SELECT webhook_id FROM locked) RETURNING webhook_id) \
+         SELECT (SELECT count(*) FROM event), ARRAY(SELECT webhook_id FROM woken)",
+        locked = locked_lanes(
+            "webhook_id = ANY($8) AND NOT parked AND (next_due_at IS NULL OR next_due_at > $6) \
+             AND EXISTS (SELECT 1 FROM event)"
+        )
+    )
+});
+/// Claimed deliveries go back, due now, and their lanes have room again:
+/// (now, delivery ids, their claim tokens).
+static RELEASE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH released AS ( \
+             UPDATE deliveries d SET status = CASE WHEN attempts = 0 THEN 'pending' ELSE 'failed' END, \
+             due_at = $1, claim_token = NULL, updated_at = $1 \
+             FROM UNNEST($2::text[], $3::text[]) AS c(id, token) \
+             WHERE d.id = c.id AND d.claim_token = c.token RETURNING d.webhook_id), \
+         {} \
+         UPDATE webhook_lanes SET parked = FALSE, next_due_at = $1 \
+         WHERE webhook_id IN (SELECT webhook_id FROM locked)",
+        locked_lanes("webhook_id IN (SELECT webhook_id FROM released)")
+    )
+});
+/// Lanes idle or waiting while work of theirs is due: (now).
+static STRANDED_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {} UPDATE webhook_lanes SET next_due_at = $1 \
+         WHERE webhook_id IN (SELECT webhook_id FROM locked)",
+        locked_lanes(
+            "NOT parked AND (next_due_at IS NULL OR next_due_at > $1) \
+             AND EXISTS (SELECT 1 FROM deliveries d \
+                 WHERE d.webhook_id = webhook_lanes.webhook_id AND d.due_at IS NOT NULL AND d.due_at <= $1)"
+        )
+    )
+});
 
 /// SQLSTATE of a unique or a foreign-key violation.
 const UNIQUE_VIOLATION: &str = "23505";
 const FOREIGN_KEY_VIOLATION: &str = "23503";
 
 /// Connections of the queue's own bookkeeping: one claim loop, one
-/// recorder and the occasional release per process.
-const QUEUE_POOL_SIZE: u32 = 4;
+/// recorder, the occasional release, and the wakes publishes make after
+/// their commits.
+const QUEUE_POOL_SIZE: u32 = 8;
 /// Settings of those connections. Commits do not wait for the WAL flush
 /// (see [`PostgresStore::queue`]). Joins run in the order the statements
 /// write them (each claimed row to its event by the whole primary key):
@@ -132,7 +236,7 @@ const QUEUE_SESSION: [(&str, &str); 2] =
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    /// Claims, attempt records and releases: their commits do not wait for
+    /// Claims, attempt records, releases and lane wakes: their commits do not wait for
     /// the WAL flush (`synchronous_commit = off`). A crash of the database
     /// server may undo the last few hundred milliseconds of them; those
     /// deliveries are attempted again once their lease ends, which
@@ -160,8 +264,8 @@ impl PostgresStore {
             .await
             .map_err(|e| StoreError::Open(e.to_string()))?;
         migrate::run(&pool).await?;
-        // Lazy: a process that never claims (the API role, the CLI's
-        // migrate) never opens it.
+        // Lazy: a process that neither claims nor publishes to a busy
+        // lane (the CLI's migrate, an idle API) never opens it.
         let queue = PgPoolOptions::new()
             .max_connections(QUEUE_POOL_SIZE.min(pool_size.max(1)))
             .acquire_timeout(Duration::from_secs(10))
@@ -393,7 +497,7 @@ impl PostgresStore {
             .map_err(|e| on_violation(e, FOREIGN_KEY_VIOLATION, StoreError::PluginMissing))?;
         let webhook = map_row(row, rows::webhook)?.ok_or(StoreError::NotFound)?;
         // Its limit may have risen: look at the lane again now.
-        sqlx::query(WAKE_WITH_ROOM_SQL)
+        sqlx::query(&WAKE_WITH_ROOM_SQL)
             .bind(now_ms())
             .bind([webhook.id.as_str()].as_slice())
             .execute(&self.pool)
@@ -545,8 +649,11 @@ impl PostgresStore {
             tries += 1;
             let mut tx = self.pool.begin().await?;
             match publish(&mut tx, &event).await {
-                Ok(published) => {
+                Ok((published, woken)) => {
                     tx.commit().await?;
+                    if !published.replayed {
+                        self.wake_after_commit(&published.deliveries, &woken).await;
+                    }
                     return Ok(published);
                 }
                 Err(StoreError::Postgres(e)) if tries < 3 && is_code(&e, UNIQUE_VIOLATION) => {
@@ -554,6 +661,31 @@ impl PostgresStore {
                 }
                 Err(other) => return Err(other),
             }
+        }
+    }
+
+    /// Wakes the lanes of `queued` that the publish's own wake did not
+    /// move (`woken`), now that its deliveries are visible to every claim.
+    /// Should this fail, or the process stop before it, the worker's sweep
+    /// ([`Self::wake_stranded_lanes`]) finds those lanes.
+    async fn wake_after_commit(&self, queued: &[Queued], woken: &[String]) {
+        let mut left: Vec<&str> = queued
+            .iter()
+            .map(|d| d.webhook_id.as_str())
+            .filter(|w| !woken.iter().any(|x| x == w))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        left.sort_unstable();
+        left.dedup();
+        let woke = sqlx::query(&WAKE_AFTER_COMMIT_SQL)
+            .bind(now_ms())
+            .bind(&left)
+            .execute(&self.queue)
+            .await;
+        if let Err(error) = woke {
+            tracing::warn!(%error, "waking lanes after a publish failed; the worker's sweep will");
         }
     }
 
@@ -565,36 +697,32 @@ impl PostgresStore {
     async fn publish_new(&self, event: &NewEvent) -> StoreResult<Option<Published>> {
         let mut c = self.pool.acquire().await?;
         let deliveries = new_deliveries(&mut c, event).await?;
-        let inserted = sqlx::query_scalar::<_, i64>(
-            "WITH event AS ( \
-                 INSERT INTO events (app_id, id, event_type, payload, idempotency_key, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING app_id, id), \
-             queued AS ( \
-                 INSERT INTO deliveries (id, app_id, event_id, webhook_id, status, due_at, created_at, updated_at) \
-                 SELECT d.id, e.app_id, e.id, d.webhook_id, 'pending', $6, $6, $6 \
-                 FROM event e, UNNEST($7::text[], $8::text[]) AS d(id, webhook_id) RETURNING 1), \
-             woken AS ( \
-                 UPDATE webhook_lanes SET next_due_at = $6 \
-                 WHERE webhook_id = ANY($8) AND NOT parked AND (next_due_at IS NULL OR next_due_at > $6) \
-                 AND EXISTS (SELECT 1 FROM event)) \
-             SELECT count(*) FROM event",
-        )
-        .bind(event.app_id.as_str())
-        .bind(event.id.as_str())
-        .bind(event.event_type.as_str())
-        .bind(&event.payload)
-        .bind(&event.idempotency_key)
-        .bind(now_ms())
-        .bind(deliveries.iter().map(|d| d.id.as_str()).collect::<Vec<_>>())
-        .bind(deliveries.iter().map(|d| d.webhook_id.as_str()).collect::<Vec<_>>())
-        .fetch_one(&mut *c)
-        .await;
+        let inserted = sqlx::query_as::<_, (i64, Vec<String>)>(&PUBLISH_SQL)
+            .bind(event.app_id.as_str())
+            .bind(event.id.as_str())
+            .bind(event.event_type.as_str())
+            .bind(&event.payload)
+            .bind(&event.idempotency_key)
+            .bind(now_ms())
+            .bind(deliveries.iter().map(|d| d.id.as_str()).collect::<Vec<_>>())
+            .bind(
+                deliveries
+                    .iter()
+                    .map(|d| d.webhook_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_one(&mut *c)
+            .await;
+        drop(c);
         match inserted {
-            Ok(1) => Ok(Some(Published {
-                event_id: event.id.clone(),
-                deliveries,
-                replayed: false,
-            })),
+            Ok((1, woken)) => {
+                self.wake_after_commit(&deliveries, &woken).await;
+                Ok(Some(Published {
+                    event_id: event.id.clone(),
+                    deliveries,
+                    replayed: false,
+                }))
+            }
             Ok(_) => Ok(None),
             Err(e) if is_code(&e, FOREIGN_KEY_VIOLATION) => Ok(None),
             Err(e) => Err(e.into()),
@@ -671,6 +799,9 @@ impl PostgresStore {
         map_rows(&rows, rows::attempt)
     }
 
+    /// The lane is written whatever its state, as by
+    /// [`WAKE_AFTER_COMMIT_SQL`]; a retry is rare enough for its one-statement
+    /// transaction to hold the lane's lock.
     pub async fn retry_delivery(&self, app_id: &AppId, id: &DeliveryId) -> StoreResult<Delivery> {
         let now = now_ms();
         let sql = format!(
@@ -678,9 +809,10 @@ impl PostgresStore {
                  UPDATE deliveries SET status = 'pending', due_at = $1, claim_token = NULL, updated_at = $1 \
                  WHERE app_id = $2 AND id = $3 AND status <> 'sending' RETURNING {DELIVERY_COLUMNS}), \
              woken AS ( \
-                 UPDATE webhook_lanes SET next_due_at = $1 \
-                 WHERE webhook_id IN (SELECT webhook_id FROM retried) AND NOT parked \
-                 AND (next_due_at IS NULL OR next_due_at > $1)) \
+                 UPDATE webhook_lanes SET next_due_at = CASE \
+                     WHEN NOT parked AND (next_due_at IS NULL OR next_due_at > $1) THEN $1 \
+                     ELSE next_due_at END \
+                 WHERE webhook_id IN (SELECT webhook_id FROM retried)) \
              SELECT * FROM retried"
         );
         let row = sqlx::query(&sql)
@@ -780,21 +912,26 @@ impl PostgresStore {
     }
 
     pub async fn release(&self, claims: Vec<HeldClaim>) -> StoreResult<()> {
-        sqlx::query(
-            "WITH released AS ( \
-                 UPDATE deliveries d SET status = CASE WHEN attempts = 0 THEN 'pending' ELSE 'failed' END, \
-                 due_at = $1, claim_token = NULL, updated_at = $1 \
-                 FROM UNNEST($2::text[], $3::text[]) AS c(id, token) \
-                 WHERE d.id = c.id AND d.claim_token = c.token RETURNING d.webhook_id) \
-             UPDATE webhook_lanes SET parked = FALSE, next_due_at = $1 \
-             WHERE webhook_id IN (SELECT webhook_id FROM released)",
-        )
-        .bind(now_ms())
-        .bind(claims.iter().map(|c| c.delivery_id.as_str()).collect::<Vec<_>>())
-        .bind(claims.iter().map(|c| c.token.as_str()).collect::<Vec<_>>())
-        .execute(&self.queue)
-        .await?;
+        sqlx::query(&RELEASE_SQL)
+            .bind(now_ms())
+            .bind(
+                claims
+                    .iter()
+                    .map(|c| c.delivery_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(claims.iter().map(|c| c.token.as_str()).collect::<Vec<_>>())
+            .execute(&self.queue)
+            .await?;
         Ok(())
+    }
+
+    pub async fn wake_stranded_lanes(&self) -> StoreResult<u64> {
+        let woken = sqlx::query(&STRANDED_SQL)
+            .bind(now_ms())
+            .execute(&self.queue)
+            .await?;
+        Ok(woken.rows_affected())
     }
 
     pub async fn queue_stats(&self, now: Millis) -> StoreResult<QueueStats> {
@@ -834,8 +971,9 @@ impl PostgresStore {
     }
 }
 
-/// The full publish path, inside the caller's transaction.
-async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Published> {
+/// The full publish path, inside the caller's transaction; with the
+/// published deliveries, the lanes its wake moved.
+async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<(Published, Vec<String>)> {
     if let Some(first) = repeat_of(c, event).await? {
         let rows = sqlx::query(
             "SELECT id, webhook_id FROM deliveries WHERE app_id = $1 AND event_id = $2 ORDER BY id",
@@ -850,11 +988,12 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Publishe
                 webhook_id: r.text("webhook_id")?,
             })
         })?;
-        return Ok(Published {
+        let published = Published {
             event_id: first,
             deliveries,
             replayed: true,
-        });
+        };
+        return Ok((published, Vec::new()));
     }
     let now = now_ms();
     sqlx::query(
@@ -882,7 +1021,7 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Publishe
     .bind(now)
     .execute(&mut *c)
     .await?;
-    sqlx::query(WAKE_FOR_WORK_SQL)
+    let woken: Vec<String> = sqlx::query_scalar(&WAKE_FOR_WORK_SQL)
         .bind(now)
         .bind(
             deliveries
@@ -890,13 +1029,14 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Publishe
                 .map(|d| d.webhook_id.as_str())
                 .collect::<Vec<_>>(),
         )
-        .execute(&mut *c)
+        .fetch_all(&mut *c)
         .await?;
-    Ok(Published {
+    let published = Published {
         event_id: event.id.clone(),
         deliveries,
         replayed: false,
-    })
+    };
+    Ok((published, woken))
 }
 
 /// One new delivery per subscribed, enabled webhook of the event's app.

@@ -71,6 +71,13 @@ static RECORDED_SQL: LazyLock<String> = LazyLock::new(|| {
 /// A slot of the lane came free: (now, webhook).
 const WAKE_WITH_ROOM_SQL: &str = "UPDATE webhook_lanes SET parked = 0, next_due_at = ?1 \
      WHERE webhook_id = ?2 AND (parked OR next_due_at IS NULL OR next_due_at > ?1)";
+/// Lanes idle or waiting while work of theirs is due: (now). The
+/// writer runs one statement at a time, so no claim misses a wake-up
+/// here; the sweep is the same on both backends all the same.
+const STRANDED_SQL: &str = "UPDATE webhook_lanes SET next_due_at = ?1 \
+     WHERE NOT parked AND (next_due_at IS NULL OR next_due_at > ?1) \
+     AND EXISTS (SELECT 1 FROM deliveries d \
+         WHERE d.webhook_id = webhook_lanes.webhook_id AND d.due_at IS NOT NULL AND d.due_at <= ?1)";
 /// An app's enabled webhooks, for fan-out: (app id).
 const SUBSCRIBED_SQL: &str =
     "SELECT id, event_types FROM webhooks WHERE app_id = ? AND enabled ORDER BY id";
@@ -655,6 +662,15 @@ impl SqliteStore {
                     }
                 }
                 Ok(())
+            })
+            .await
+    }
+
+    pub async fn wake_stranded_lanes(&self) -> StoreResult<u64> {
+        self.writer
+            .write_with(Durability::Relaxed, |c| {
+                let woken = c.prepare_cached(STRANDED_SQL)?.execute(params![now_ms()])?;
+                Ok(woken as u64)
             })
             .await
     }

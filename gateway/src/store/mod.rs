@@ -19,7 +19,7 @@ mod rows;
 mod rules;
 mod sqlite;
 
-pub use postgres::PostgresStore;
+pub use postgres::{EMPTIED_LANE_RECHECK, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use std::sync::Arc;

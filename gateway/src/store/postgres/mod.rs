@@ -36,7 +36,8 @@ const LANES_SQL: &str = "SELECT l.webhook_id, CASE WHEN l.streak <= -$4 THEN 1 \
      ORDER BY l.next_due_at LIMIT $2 FOR UPDATE OF l SKIP LOCKED";
 /// The claim from locked lanes, ending in `claimed` (the leased
 /// deliveries): (now, most deliveries, lanes, their limits, lease end,
-/// token). The deliveries' own locks are skipped, never waited for, and a
+/// token, recheck time). A lane found empty is looked at once more at the
+/// recheck time before it goes idle ([`EMPTIED_LANE_RECHECK`]). The deliveries' own locks are skipped, never waited for, and a
 /// lease is set only where the row is still due when it is written. Each
 /// lane offers at most its part of the claim (the claim's size over the
 /// lanes', at least one): every row offered is locked, and locking eight
@@ -70,8 +71,10 @@ const CLAIM_SQL: &str = "WITH lanes AS ( \
      rescheduled AS ( \
          UPDATE webhook_lanes l SET \
              parked = r.room <= COALESCE(t.n, 0), \
+             emptied = t.n IS NULL AND r.room > 0 AND NOT l.emptied, \
              next_due_at = LEAST( \
                  CASE WHEN t.n > 0 THEN $5 END, \
+                 CASE WHEN r.room > COALESCE(t.n, 0) AND (t.n > 0 OR NOT l.emptied) THEN $7 END, \
                  CASE WHEN r.room <= COALESCE(t.n, 0) THEN ( \
                      SELECT s.due_at FROM deliveries s \
                      WHERE s.webhook_id = r.webhook_id AND s.status = 'sending' AND s.due_at > $1 \
@@ -97,36 +100,32 @@ fn locked_lanes(filter: &str) -> String {
 }
 
 /// New work for lanes that are not at their limit, in a publish's
-/// transaction: (now, webhooks); returns the lanes it moved. It leaves a
-/// lane that is due or full alone, and so does not lock it: a publish
-/// holding every lane it touches until its commit (a WAL flush) would
-/// make claims skip a busy lane while anyone publishes to it. The lanes
-/// it did not move are woken again after the commit
-/// ([`WAKE_AFTER_COMMIT_SQL`]).
-const WAKE_FOR_WORK: &str = "NOT parked AND (next_due_at IS NULL OR next_due_at > $1)";
+/// transaction: (now, webhooks). It leaves a lane that is due or full
+/// alone, and so neither waits for nor takes its lock: a publish holding
+/// every lane it touches until its commit (a WAL flush) would make claims
+/// skip a busy lane while anyone publishes to it, and publishes to one
+/// endpoint would queue on its lane. A claim running meanwhile may miss
+/// the new work; see [`EMPTIED_LANE_RECHECK`].
+const WAKE_FOR_WORK: &str = "NOT parked AND (next_due_at IS NULL OR next_due_at > $1 OR emptied)";
 static WAKE_FOR_WORK_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH {} UPDATE webhook_lanes SET next_due_at = $1 \
-         WHERE webhook_id IN (SELECT webhook_id FROM locked) RETURNING webhook_id",
+         WHERE webhook_id IN (SELECT webhook_id FROM locked)",
         locked_lanes(&format!("webhook_id = ANY($2) AND {WAKE_FOR_WORK}"))
     )
 });
-/// The wake a claim cannot miss: (now, webhooks). It takes every lane's
-/// row lock whatever the lane's state, so it waits for a claim holding the
-/// lane and then reads the lane as that claim left it. A claim reads the
-/// queue in a snapshot taken when it starts; work committed after that
-/// is invisible to it, and it may mark the lane idle (or full) after
-/// the work's own conditional wake saw the lane due and moved nothing.
-/// The lanes a publish's transaction did not move go through here.
-static WAKE_AFTER_COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH {} UPDATE webhook_lanes SET next_due_at = CASE \
-             WHEN NOT parked AND (next_due_at IS NULL OR next_due_at > $1) THEN $1 \
-             ELSE next_due_at END \
-         WHERE webhook_id IN (SELECT webhook_id FROM locked)",
-        locked_lanes("webhook_id = ANY($2)")
-    )
-});
+/// How soon a lane is looked at again after a claim that left it with
+/// room and nothing more it could see. A claim reads the queue as it was
+/// when the claim began, so work a publish commits meanwhile is invisible
+/// to it, and that publish's wake ([`WAKE_FOR_WORK_SQL`]), which neither
+/// waits for nor takes the lane's lock, may have seen the lane due and
+/// left it. So such a claim leaves the lane due at this time. A look
+/// that then finds nothing marks the lane `emptied` and looks once more;
+/// publishes treat an emptied lane as idle and wake it under its lock,
+/// so the look after that, which idles the lane, cannot miss them. The
+/// work of every publish whose commit took less than this is found; the
+/// worker's sweep ([`PostgresStore::wake_stranded_lanes`]) finds any other.
+pub const EMPTIED_LANE_RECHECK: Duration = Duration::from_millis(200);
 /// A lane's streak after a batch of its attempts, as in
 /// `pacing::BatchStreak::applied_to`; `r` is the batch, `$8` the longest
 /// streak.
@@ -152,8 +151,10 @@ static RECORDED_SQL: LazyLock<String> = LazyLock::new(|| {
         s = NEW_STREAK
     )
 });
-/// Slots of these lanes came free: (now, webhooks). Written whatever the
-/// lane's state, as [`WAKE_AFTER_COMMIT_SQL`] is, and for its reason.
+/// Slots of these lanes came free: (now, webhooks). Every lane is
+/// written whatever its state, so the write waits for a claim holding
+/// the lane, which may have counted the lane full, and then reads the
+/// lane as that claim left it.
 static WAKE_WITH_ROOM_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH {} UPDATE webhook_lanes SET parked = FALSE, next_due_at = CASE \
@@ -166,8 +167,7 @@ static WAKE_WITH_ROOM_SQL: LazyLock<String> = LazyLock::new(|| {
 /// A new event with its deliveries, in one statement and transaction,
 /// unless its id or idempotency key is taken; wakes the lanes it can
 /// (as [`WAKE_FOR_WORK_SQL`]): (app, event id, type, payload, key, now,
-/// delivery ids, their webhooks); returns whether the event went in and
-/// the lanes it moved.
+/// delivery ids, their webhooks); returns whether the event went in.
 static PUBLISH_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH event AS ( \
@@ -180,10 +180,10 @@ static PUBLISH_SQL: LazyLock<String> = LazyLock::new(|| {
          {locked}, \
          woken AS ( \
              UPDATE webhook_lanes SET next_due_at = $6 \
-             WHERE webhook_id IN (SELECT webhook_id FROM locked) RETURNING webhook_id) \
-         SELECT (SELECT count(*) FROM event), ARRAY(SELECT webhook_id FROM woken)",
+             WHERE webhook_id IN (SELECT webhook_id FROM locked)) \
+         SELECT count(*) FROM event",
         locked = locked_lanes(
-            "webhook_id = ANY($8) AND NOT parked AND (next_due_at IS NULL OR next_due_at > $6) \
+            "webhook_id = ANY($8) AND NOT parked AND (next_due_at IS NULL OR next_due_at > $6 OR emptied) \
              AND EXISTS (SELECT 1 FROM event)"
         )
     )
@@ -221,9 +221,8 @@ const UNIQUE_VIOLATION: &str = "23505";
 const FOREIGN_KEY_VIOLATION: &str = "23503";
 
 /// Connections of the queue's own bookkeeping: one claim loop, one
-/// recorder, the occasional release, and the wakes publishes make after
-/// their commits.
-const QUEUE_POOL_SIZE: u32 = 8;
+/// recorder, the occasional release and sweep.
+const QUEUE_POOL_SIZE: u32 = 4;
 /// Settings of those connections. Commits do not wait for the WAL flush
 /// (see [`PostgresStore::queue`]). Joins run in the order the statements
 /// write them (each claimed row to its event by the whole primary key):
@@ -649,11 +648,8 @@ impl PostgresStore {
             tries += 1;
             let mut tx = self.pool.begin().await?;
             match publish(&mut tx, &event).await {
-                Ok((published, woken)) => {
+                Ok(published) => {
                     tx.commit().await?;
-                    if !published.replayed {
-                        self.wake_after_commit(&published.deliveries, &woken).await;
-                    }
                     return Ok(published);
                 }
                 Err(StoreError::Postgres(e)) if tries < 3 && is_code(&e, UNIQUE_VIOLATION) => {
@@ -661,31 +657,6 @@ impl PostgresStore {
                 }
                 Err(other) => return Err(other),
             }
-        }
-    }
-
-    /// Wakes the lanes of `queued` that the publish's own wake did not
-    /// move (`woken`), now that its deliveries are visible to every claim.
-    /// Should this fail, or the process stop before it, the worker's sweep
-    /// ([`Self::wake_stranded_lanes`]) finds those lanes.
-    async fn wake_after_commit(&self, queued: &[Queued], woken: &[String]) {
-        let mut left: Vec<&str> = queued
-            .iter()
-            .map(|d| d.webhook_id.as_str())
-            .filter(|w| !woken.iter().any(|x| x == w))
-            .collect();
-        if left.is_empty() {
-            return;
-        }
-        left.sort_unstable();
-        left.dedup();
-        let woke = sqlx::query(&WAKE_AFTER_COMMIT_SQL)
-            .bind(now_ms())
-            .bind(&left)
-            .execute(&self.queue)
-            .await;
-        if let Err(error) = woke {
-            tracing::warn!(%error, "waking lanes after a publish failed; the worker's sweep will");
         }
     }
 
@@ -697,7 +668,7 @@ impl PostgresStore {
     async fn publish_new(&self, event: &NewEvent) -> StoreResult<Option<Published>> {
         let mut c = self.pool.acquire().await?;
         let deliveries = new_deliveries(&mut c, event).await?;
-        let inserted = sqlx::query_as::<_, (i64, Vec<String>)>(&PUBLISH_SQL)
+        let inserted = sqlx::query_scalar::<_, i64>(&PUBLISH_SQL)
             .bind(event.app_id.as_str())
             .bind(event.id.as_str())
             .bind(event.event_type.as_str())
@@ -715,14 +686,11 @@ impl PostgresStore {
             .await;
         drop(c);
         match inserted {
-            Ok((1, woken)) => {
-                self.wake_after_commit(&deliveries, &woken).await;
-                Ok(Some(Published {
-                    event_id: event.id.clone(),
-                    deliveries,
-                    replayed: false,
-                }))
-            }
+            Ok(1) => Ok(Some(Published {
+                event_id: event.id.clone(),
+                deliveries,
+                replayed: false,
+            })),
             Ok(_) => Ok(None),
             Err(e) if is_code(&e, FOREIGN_KEY_VIOLATION) => Ok(None),
             Err(e) => Err(e.into()),
@@ -799,9 +767,10 @@ impl PostgresStore {
         map_rows(&rows, rows::attempt)
     }
 
-    /// The lane is written whatever its state, as by
-    /// [`WAKE_AFTER_COMMIT_SQL`]; a retry is rare enough for its one-statement
-    /// transaction to hold the lane's lock.
+    /// The lane is written whatever its state, so the write waits for a
+    /// claim holding the lane and reads it as that claim left it; a retry
+    /// is rare enough for its one-statement transaction to hold the lane's
+    /// lock.
     pub async fn retry_delivery(&self, app_id: &AppId, id: &DeliveryId) -> StoreResult<Delivery> {
         let now = now_ms();
         let sql = format!(
@@ -862,6 +831,7 @@ impl PostgresStore {
             .bind(limits)
             .bind(now + millis(request.lease))
             .bind(ClaimToken::new().as_str())
+            .bind(now + millis(EMPTIED_LANE_RECHECK))
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -971,9 +941,8 @@ impl PostgresStore {
     }
 }
 
-/// The full publish path, inside the caller's transaction; with the
-/// published deliveries, the lanes its wake moved.
-async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<(Published, Vec<String>)> {
+/// The full publish path, inside the caller's transaction.
+async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Published> {
     if let Some(first) = repeat_of(c, event).await? {
         let rows = sqlx::query(
             "SELECT id, webhook_id FROM deliveries WHERE app_id = $1 AND event_id = $2 ORDER BY id",
@@ -993,7 +962,7 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<(Publish
             deliveries,
             replayed: true,
         };
-        return Ok((published, Vec::new()));
+        return Ok(published);
     }
     let now = now_ms();
     sqlx::query(
@@ -1021,7 +990,7 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<(Publish
     .bind(now)
     .execute(&mut *c)
     .await?;
-    let woken: Vec<String> = sqlx::query_scalar(&WAKE_FOR_WORK_SQL)
+    sqlx::query(&WAKE_FOR_WORK_SQL)
         .bind(now)
         .bind(
             deliveries
@@ -1029,14 +998,14 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<(Publish
                 .map(|d| d.webhook_id.as_str())
                 .collect::<Vec<_>>(),
         )
-        .fetch_all(&mut *c)
+        .execute(&mut *c)
         .await?;
     let published = Published {
         event_id: event.id.clone(),
         deliveries,
         replayed: false,
     };
-    Ok((published, woken))
+    Ok(published)
 }
 
 /// One new delivery per subscribed, enabled webhook of the event's app.

@@ -1,8 +1,9 @@
 //! Several gateway processes on one PostgreSQL queue: an API-only process
 //! and two worker-only processes deliver every event to every webhook, none
 //! twice; a worker killed mid-run loses nothing, and only deliveries that
-//! were in flight in it when it died may arrive twice; two workers keep a
-//! webhook's in-flight limit together.
+//! were in flight in it when it died (or whose attempt failed, so were
+//! retried) may arrive twice; two workers keep a webhook's in-flight limit
+//! together.
 //!
 //! Ignored in the SQLite run; `scripts/test` runs them against PostgreSQL.
 
@@ -43,6 +44,11 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Webhook id → receiver path.
+    fn path_of(&self) -> BTreeMap<&String, &String> {
+        self.webhooks.iter().map(|(path, id)| (id, path)).collect()
+    }
+
     async fn start() -> Self {
         assert!(
             std::env::var(TEST_POSTGRES_URL).is_ok_and(|url| !url.is_empty()),
@@ -195,40 +201,73 @@ async fn a_killed_worker_loses_nothing_and_repeats_only_its_in_flight() {
     let events = publishing.await.expect("publishing");
     let seen = cluster.wait_for_all(&events).await;
     let repeated = twice(&seen);
+    // An attempt the gateway gave up on (a timeout on a loaded machine)
+    // may have reached the receiver all the same; its retry is the
+    // at-least-once promise, not a lost claim.
+    let failed = failed_attempt_pairs(&cluster).await;
     for pair in &repeated {
         assert!(
-            in_flight.contains(pair),
-            "{pair:?} arrived twice but was not in flight in the killed worker"
+            in_flight.contains(pair) || failed.contains_key(pair),
+            "{pair:?} arrived twice but was not in flight in the killed worker, \
+             nor had a failed attempt"
         );
-        assert_eq!(seen[pair], 2, "{pair:?} arrived more than twice");
+        let allowed = 1 + usize::from(in_flight.contains(pair)) + failed.get(pair).unwrap_or(&0);
+        assert!(
+            seen[pair] <= allowed,
+            "{pair:?} arrived {} times, more than its {allowed} attempts",
+            seen[pair]
+        );
     }
     println!(
-        "killed a worker with {} deliveries in flight; {} arrived twice",
+        "killed a worker with {} deliveries in flight; {} arrived twice; {} had failed attempts",
         in_flight.len(),
-        repeated.len()
+        repeated.len(),
+        failed.len()
     );
 }
 
 /// (event id, receiver path) of every delivery the process `pid` claimed
 /// and has not recorded.
 async fn in_flight_pairs(cluster: &Cluster, pid: u32) -> BTreeSet<(String, String)> {
+    let rows: Vec<(String, String)> = query_pairs(
+        cluster,
+        &format!(
+            "SELECT event_id, webhook_id FROM deliveries \
+             WHERE status = 'sending' AND claim_token LIKE 'clm\\_{pid}\\_%'"
+        ),
+    )
+    .await;
+    let path_of = cluster.path_of();
+    rows.into_iter()
+        .map(|(event, webhook)| (event, path_of[&webhook].clone()))
+        .collect()
+}
+
+async fn query_pairs<T>(cluster: &Cluster, sql: &str) -> Vec<T>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
     use sqlx::Connection;
     let url = &cluster.world.gateway.workspace.database_url;
     let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT event_id, webhook_id FROM deliveries WHERE status = 'sending' AND claim_token LIKE $1",
+    sqlx::query_as(sql)
+        .fetch_all(&mut db)
+        .await
+        .expect("query deliveries")
+}
+
+/// The (event, receiver path) pairs with failed attempts, and how many.
+async fn failed_attempt_pairs(cluster: &Cluster) -> BTreeMap<(String, String), usize> {
+    let rows: Vec<(String, String, i64)> = query_pairs(
+        cluster,
+        "SELECT d.event_id, d.webhook_id, count(*) FROM attempts a \
+         JOIN deliveries d ON d.id = a.delivery_id \
+         WHERE a.outcome <> 'success' GROUP BY d.event_id, d.webhook_id",
     )
-    .bind(format!("clm\\_{pid}\\_%"))
-    .fetch_all(&mut db)
-    .await
-    .expect("query deliveries");
-    let path_of: BTreeMap<&String, &String> = cluster
-        .webhooks
-        .iter()
-        .map(|(path, id)| (id, path))
-        .collect();
+    .await;
+    let path_of = cluster.path_of();
     rows.into_iter()
-        .map(|(event, webhook)| (event, path_of[&webhook].clone()))
+        .map(|(event, webhook, n)| ((event, path_of[&webhook].clone()), n as usize))
         .collect()
 }
 

@@ -36,18 +36,19 @@ const LANES_SQL: &str = "SELECT l.webhook_id, CASE WHEN l.streak <= -$4 THEN 1 \
      ORDER BY l.next_due_at LIMIT $2 FOR UPDATE OF l SKIP LOCKED";
 /// The claim from locked lanes, ending in `claimed` (the leased
 /// deliveries): (now, most deliveries, lanes, their limits, lease end,
-/// token, recheck time). A lane found empty is looked at once more at the
-/// recheck time before it goes idle ([`EMPTIED_LANE_RECHECK`]). The deliveries' own locks are skipped, never waited for, and a
-/// lease is set only where the row is still due when it is written. Each
-/// lane offers at most its part of the claim (the claim's size over the
-/// lanes', at least one): every row offered is locked, and locking eight
-/// from each of 64 lanes to keep 64 cost 7 of a claim's 10 ms. The lease
-/// is written to the rows `due` locked, found by their `ctid` (a TID scan;
-/// locked by this statement, they cannot move before it writes them).
-/// Joined by id, the planner guessed `due` at the whole limit and scanned
-/// the table with a hash join (5 of a claim's 9 ms with 10,000 queued);
-/// matched against an array of ids, a table growing under publishing was
-/// planned worse still.
+/// token, recheck time). A lane left with room is due again at the
+/// recheck time ([`EMPTIED_LANE_RECHECK`]). The deliveries' own locks are
+/// skipped, never waited for, and a lease is set only where the row is
+/// still due when it is written. Each lane offers at most its part of
+/// the claim (the claim's size over the lanes', at least one): every row
+/// offered is locked, and locking eight from each of 64 lanes to keep 64
+/// cost 7 of a claim's 10 ms. The lease is written to the rows `due`
+/// locked, found by their `ctid` (a TID scan; locked by this statement,
+/// they cannot move before it writes them). Joined by id, the planner
+/// guessed `due` at the whole limit and scanned the table with a hash
+/// join (5 of a claim's 9 ms with 10,000 queued); matched against an
+/// array of ids, a table growing under publishing was planned worse
+/// still.
 const CLAIM_SQL: &str = "WITH lanes AS ( \
          SELECT * FROM UNNEST($3::text[], $4::bigint[]) AS l(webhook_id, max_in_flight)), \
      room AS ( \
@@ -182,10 +183,11 @@ static PUBLISH_SQL: LazyLock<String> = LazyLock::new(|| {
              UPDATE webhook_lanes SET next_due_at = $6 \
              WHERE webhook_id IN (SELECT webhook_id FROM locked)) \
          SELECT count(*) FROM event",
-        locked = locked_lanes(
-            "webhook_id = ANY($8) AND NOT parked AND (next_due_at IS NULL OR next_due_at > $6 OR emptied) \
-             AND EXISTS (SELECT 1 FROM event)"
-        )
+        locked = locked_lanes(&format!(
+            "webhook_id = ANY($8) AND {} AND EXISTS (SELECT 1 FROM event)",
+            // The publish's `now` is its sixth parameter.
+            WAKE_FOR_WORK.replace("$1", "$6")
+        ))
     )
 });
 /// Claimed deliveries go back, due now, and their lanes have room again:

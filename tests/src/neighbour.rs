@@ -28,13 +28,15 @@ pub enum Neighbour {
     /// A plugin that runs into its deadline on every invocation (beside a
     /// pass-through plugin on the healthy webhook).
     Plugin,
+    /// An endpoint that answers 429 with `Retry-After: 2` at once.
+    Throttle,
 }
 
 impl Neighbour {
     /// Deliveries queued for the neighbour before each run beside it.
     pub fn backlog(self) -> usize {
         match self {
-            Self::Hang | Self::Fail => 1_000,
+            Self::Hang | Self::Fail | Self::Throttle => 1_000,
             Self::Plugin => 200,
         }
     }
@@ -71,6 +73,7 @@ impl Tenants {
         match neighbour {
             Neighbour::Hang => noisy.always(Reply::status(200).delay(Duration::from_secs(3600))),
             Neighbour::Fail => noisy.always(Reply::status(500)),
+            Neighbour::Throttle => noisy.always(Reply::status(429).header("retry-after", "2")),
             Neighbour::Plugin => {
                 let passthrough = gateway.plugin("passthrough").await;
                 let hostile = gateway.plugin("hostile").await;

@@ -15,8 +15,8 @@ use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page, double
 use super::openapi::ErrorResponses;
 use crate::clock::{millis, now_ms, rfc3339};
 use crate::domain::{
-    AppId, AttachedPlugin, CustomHeaders, EventTypeFilter, InFlightLimit, PluginId, Webhook,
-    WebhookFields, WebhookId,
+    AppId, AttachedPlugin, CustomHeaders, EventTypeFilter, InFlightLimit, PluginId, RateLimit,
+    Webhook, WebhookFields, WebhookId,
 };
 use crate::signing::Secret;
 
@@ -37,6 +37,12 @@ pub struct WebhookView {
     /// Attempts in flight at once to this webhook; null: the server's
     /// default (`WASMHOOK_MAX_IN_FLIGHT`).
     max_in_flight: Option<u32>,
+    /// Deliveries per second this webhook's endpoint receives at most,
+    /// across every gateway process; null: no limit.
+    rate_limit: Option<u32>,
+    /// How many deliveries may arrive at once within the rate limit; null
+    /// when there is no limit.
+    rate_limit_burst: Option<u32>,
     secret_masked: String,
     /// `{id, config}` of the attached plugin, or null.
     #[schema(value_type = Option<PluginAttachment>)]
@@ -61,6 +67,8 @@ impl TryFrom<Webhook> for WebhookView {
             headers: w.headers.as_map().clone(),
             raw_payload: w.raw_payload,
             max_in_flight: w.max_in_flight.map(InFlightLimit::get),
+            rate_limit: w.rate_limit.map(RateLimit::per_second),
+            rate_limit_burst: w.rate_limit.map(RateLimit::burst),
             secret_masked: secret.masked(),
             plugin: match &w.plugin {
                 Some(p) => Some(json!({
@@ -88,6 +96,15 @@ pub struct CreateWebhook {
     /// process; omit or null for the server's default.
     #[schema(minimum = 1, maximum = 10000)]
     max_in_flight: Option<u32>,
+    /// Deliveries per second the endpoint receives at most, across every
+    /// gateway process; deliveries held back wait in the queue without
+    /// spending attempts. Omit or null for no limit.
+    #[schema(minimum = 1, maximum = 10000)]
+    rate_limit: Option<u32>,
+    /// How many may arrive at once within the rate limit (default: a tenth
+    /// of a second's worth, at least 1). Needs `rate_limit`.
+    #[schema(minimum = 1, maximum = 10000)]
+    rate_limit_burst: Option<u32>,
     plugin: Option<PluginAttachment>,
 }
 
@@ -127,6 +144,14 @@ pub struct PatchWebhook {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<u32>, minimum = 1, maximum = 10000)]
     max_in_flight: Option<Option<u32>>,
+    /// A new rate limit (its burst back to the default unless
+    /// `rate_limit_burst` is given too), or null for none.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 10000)]
+    rate_limit: Option<Option<u32>>,
+    /// A new burst for the rate limit the webhook has or is given.
+    #[schema(minimum = 1, maximum = 10000)]
+    rate_limit_burst: Option<u32>,
     /// A plugin to attach, or null to detach the current one.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<PluginAttachment>)]
@@ -155,6 +180,19 @@ async fn validate(state: &AppState, fields: Unchecked<'_>) -> ApiResult<WebhookF
         .map(|n| InFlightLimit::parse(u64::from(n)))
         .transpose()
         .map_err(|e| ApiError::invalid("max_in_flight", e))?;
+    let rate_limit = match (fields.rate_limit, fields.rate_limit_burst) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(ApiError::invalid(
+                "rate_limit_burst",
+                "needs a rate_limit".to_owned(),
+            ));
+        }
+        (Some(per_second), burst) => Some(
+            RateLimit::parse(u64::from(per_second), burst.map(u64::from))
+                .map_err(|(field, e)| ApiError::invalid(field, e))?,
+        ),
+    };
     if let Some(plugin) = &fields.plugin {
         if plugin.config.len() > MAX_PLUGIN_CONFIG_LEN {
             return Err(ApiError::invalid(
@@ -180,6 +218,7 @@ async fn validate(state: &AppState, fields: Unchecked<'_>) -> ApiResult<WebhookF
         headers,
         raw_payload: fields.raw_payload,
         max_in_flight,
+        rate_limit,
         plugin: fields.plugin,
     })
 }
@@ -193,6 +232,8 @@ struct Unchecked<'a> {
     headers: &'a BTreeMap<String, String>,
     raw_payload: bool,
     max_in_flight: Option<u32>,
+    rate_limit: Option<u32>,
+    rate_limit_burst: Option<u32>,
     plugin: Option<AttachedPlugin>,
 }
 
@@ -231,6 +272,8 @@ pub async fn create(
             headers: body.headers.as_ref().unwrap_or(&no_headers),
             raw_payload: body.raw_payload.unwrap_or(false),
             max_in_flight: body.max_in_flight,
+            rate_limit: body.rate_limit,
+            rate_limit_burst: body.rate_limit_burst,
             plugin: body.plugin.as_ref().map(PluginAttachment::stored),
         },
     )
@@ -324,6 +367,13 @@ pub async fn update(
         Some(requested) => requested.as_deref(),
         None => current.event_types.items(),
     };
+    let (rate_limit, rate_limit_burst) = match (body.rate_limit, body.rate_limit_burst) {
+        (Some(requested), burst) => (requested, burst),
+        (None, burst) => (
+            current.rate_limit.map(RateLimit::per_second),
+            burst.or(current.rate_limit.map(RateLimit::burst)),
+        ),
+    };
     let fields = validate(
         &state,
         Unchecked {
@@ -336,6 +386,8 @@ pub async fn update(
             max_in_flight: body
                 .max_in_flight
                 .unwrap_or(current.max_in_flight.map(InFlightLimit::get)),
+            rate_limit,
+            rate_limit_burst,
             plugin: match &body.plugin {
                 Some(requested) => requested.as_ref().map(PluginAttachment::stored),
                 None => current.plugin.clone(),

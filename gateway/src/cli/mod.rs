@@ -93,6 +93,14 @@ pub enum WebhookCommand {
         /// gateway's `WASMHOOK_MAX_IN_FLIGHT`).
         #[arg(long)]
         max_in_flight: Option<u32>,
+        /// Deliveries per second the endpoint receives at most (default:
+        /// no limit).
+        #[arg(long)]
+        rate_limit: Option<u32>,
+        /// How many may arrive at once within `--rate-limit` (default: a
+        /// tenth of a second's worth).
+        #[arg(long, requires = "rate_limit")]
+        rate_limit_burst: Option<u32>,
     },
     /// The app's webhooks.
     List,
@@ -253,10 +261,18 @@ async fn webhook(
             headers,
             raw_payload,
             max_in_flight,
+            rate_limit,
+            rate_limit_burst,
         } => {
             let mut body = json!({ "url": target, "raw_payload": raw_payload });
             if let Some(max_in_flight) = max_in_flight {
                 body["max_in_flight"] = json!(max_in_flight);
+            }
+            if let Some(rate_limit) = rate_limit {
+                body["rate_limit"] = json!(rate_limit);
+            }
+            if let Some(burst) = rate_limit_burst {
+                body["rate_limit_burst"] = json!(burst);
             }
             if !event_types.is_empty() {
                 body["event_types"] = json!(event_types);

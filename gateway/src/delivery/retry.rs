@@ -8,7 +8,7 @@ use rand::Rng;
 use super::sender::SendResult;
 use crate::clock::{Millis, millis, now_ms};
 use crate::domain::{
-    AttemptOutcome, AttemptRecord, AttemptRow, ClaimedDelivery, NextState, WebhookEffect,
+    AttemptOutcome, AttemptRecord, AttemptRow, ClaimedDelivery, NextState, WebhookEffect, lane,
 };
 
 #[derive(Debug, Clone)]
@@ -56,6 +56,12 @@ impl RetryPolicy {
         now: Millis,
     ) -> AttemptRecord {
         let number = delivery.attempts + 1;
+        let throttled_until = lane::throttle(
+            result.status_code,
+            result.retry_after,
+            self.max_delay(),
+            now,
+        );
         let (next, webhook) = match result.kind {
             AttemptOutcome::Success => (NextState::Succeeded, WebhookEffect::Healthy),
             _ if result.status_code == Some(410) => (
@@ -94,7 +100,9 @@ impl RetryPolicy {
             error: result.error,
             plugin_error: result.plugin_error,
         };
-        record(delivery, Some(attempt), next, webhook, now)
+        let mut record = record(delivery, Some(attempt), next, webhook, now);
+        record.throttled_until = throttled_until;
+        record
     }
 
     /// The plugin decided not to send: the delivery ends as `skipped`,
@@ -149,6 +157,7 @@ fn record(
         attempt,
         next,
         webhook,
+        throttled_until: None,
         now,
     }
 }

@@ -191,10 +191,19 @@ impl Worker {
 
     /// Waits for work: a wake-up from a local publish, the poll interval,
     /// or shutdown.
+    /// Waits for a wake-up, the next lane's due time or the poll
+    /// interval, whichever comes first: a lane held for its rate limit or
+    /// waiting for a retry is claimed on time, not up to a poll late.
     async fn idle(&self, shutdown: &CancellationToken) {
+        let now = now_ms();
+        let wait = match self.store.next_due_at(now).await {
+            Ok(Some(due)) => Duration::from_millis(u64::try_from(due - now).unwrap_or(0))
+                .min(self.config.poll_interval),
+            _ => self.config.poll_interval,
+        };
         tokio::select! {
             _ = self.wake.notified() => {}
-            _ = tokio::time::sleep(self.config.poll_interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => {}
         }
     }

@@ -5,7 +5,7 @@
 
 use super::ids::{AppId, AttemptId, ClaimToken, DeliveryId, EventId, PluginId, WebhookId};
 use super::states::{AttemptOutcome, DeliveryStatus, PluginFailure};
-use super::values::{CustomHeaders, EventType, EventTypeFilter, InFlightLimit};
+use super::values::{CustomHeaders, EventType, EventTypeFilter, InFlightLimit, RateLimit};
 use crate::clock::Millis;
 
 #[derive(Debug, Clone)]
@@ -43,6 +43,8 @@ pub struct Webhook {
     pub raw_payload: bool,
     /// `None`: the server's default.
     pub max_in_flight: Option<InFlightLimit>,
+    /// `None`: no limit.
+    pub rate_limit: Option<RateLimit>,
     pub secret: String,
     pub previous_secret: Option<String>,
     pub previous_secret_expires_at: Option<Millis>,
@@ -62,6 +64,8 @@ pub struct WebhookFields {
     pub raw_payload: bool,
     /// `None`: the server's default.
     pub max_in_flight: Option<InFlightLimit>,
+    /// `None`: no limit.
+    pub rate_limit: Option<RateLimit>,
     pub plugin: Option<AttachedPlugin>,
 }
 
@@ -288,6 +292,9 @@ pub struct AttemptRecord {
     pub attempt: Option<AttemptRow>,
     pub next: NextState,
     pub webhook: WebhookEffect,
+    /// The endpoint asked to be left alone until then (see
+    /// [`super::lane::throttle`]): its whole lane waits.
+    pub throttled_until: Option<Millis>,
     pub now: Millis,
 }
 

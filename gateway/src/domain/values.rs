@@ -184,6 +184,44 @@ impl InFlightLimit {
     }
 }
 
+/// How many deliveries per second a webhook's endpoint receives at most,
+/// across every gateway process, and how many of them may arrive at once
+/// (the burst). Without a burst given, it is a tenth of a second's worth
+/// (at least one), so that over any window of a few seconds the endpoint
+/// receives its rate and hardly more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    per_second: u32,
+    burst: u32,
+}
+
+impl RateLimit {
+    pub const MAX: u32 = 10_000;
+
+    /// `Err` names the field at fault: `rate_limit` or `rate_limit_burst`.
+    pub fn parse(per_second: u64, burst: Option<u64>) -> Result<Self, (&'static str, String)> {
+        let range = || format!("must be between 1 and {}", Self::MAX);
+        let per_second = match u32::try_from(per_second) {
+            Ok(n @ 1..=Self::MAX) => n,
+            _ => return Err(("rate_limit", range())),
+        };
+        let burst = match burst.map(u32::try_from) {
+            None => (per_second / 10).max(1),
+            Some(Ok(n @ 1..=Self::MAX)) => n,
+            Some(_) => return Err(("rate_limit_burst", range())),
+        };
+        Ok(Self { per_second, burst })
+    }
+
+    pub fn per_second(self) -> u32 {
+        self.per_second
+    }
+
+    pub fn burst(self) -> u32 {
+        self.burst
+    }
+}
+
 /// The most bytes kept of any text a receiver or a plugin hands us that is
 /// stored, logged or returned: attempt errors, plugin error messages.
 pub const MAX_FOREIGN_TEXT: usize = 4096;
@@ -266,6 +304,20 @@ mod tests {
         assert!(cut.ends_with("(20000 bytes cut)"), "{cut}");
         assert!(cut.starts_with("éé"));
         assert!(quoted(&"x".repeat(1 << 20)).len() <= 88);
+    }
+
+    #[test]
+    fn a_rate_limit_bursts_a_tenth_of_a_second_unless_told() {
+        let limit = RateLimit::parse(10, None).unwrap();
+        assert_eq!((limit.per_second(), limit.burst()), (10, 1));
+        assert_eq!(RateLimit::parse(2_000, None).unwrap().burst(), 200);
+        assert_eq!(RateLimit::parse(5, Some(40)).unwrap().burst(), 40);
+        assert_eq!(RateLimit::parse(0, None).unwrap_err().0, "rate_limit");
+        assert_eq!(RateLimit::parse(10_001, None).unwrap_err().0, "rate_limit");
+        assert_eq!(
+            RateLimit::parse(10, Some(0)).unwrap_err().0,
+            "rate_limit_burst"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! plugin that keeps hitting its limits gets a tenth of a slot, not more,
 //! however its invocations arrive.
 //! Across attempts, the lane of a webhook that keeps failing is paced as
-//! well (see `domain::pacing`).
+//! well (see `domain::lane`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -232,6 +232,10 @@ delegate! {
     /// and the worker runs this now and then so it costs a delay, not a
     /// delivery.
     fn wake_stranded_lanes(&self) -> StoreResult<u64>;
+    /// When the next lane becomes due after `now` (a retry's backoff, a
+    /// pause, a rate limit's next delivery), so an idle worker claims then
+    /// rather than at its next poll.
+    fn next_due_at(&self, now: Millis) -> StoreResult<Option<Millis>>;
     /// The queue's shape at `now`, for metrics.
     fn queue_stats(&self, now: Millis) -> StoreResult<QueueStats>;
     /// Deletes up to `limit` events created before `cutoff`, with their

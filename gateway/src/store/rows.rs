@@ -7,13 +7,13 @@ use super::{StoreError, StoreResult};
 use crate::domain::{
     App, AttachedPlugin, Attempt, AttemptOutcome, ClaimedDelivery, ClaimedPlugin, CustomHeaders,
     Delivery, DeliveryStatus, Event, EventTypeFilter, InFlightLimit, Plugin, PluginCode,
-    PluginFailure, Webhook, WebhookId,
+    PluginFailure, RateLimit, Webhook, WebhookId,
 };
 
 pub(super) const APP_COLUMNS: &str = "id, uid, name, created_at, updated_at";
 pub(super) const WEBHOOK_COLUMNS: &str = "id, app_id, url, description, event_types, enabled, \
      disabled_reason, headers, raw_payload, secret, previous_secret, previous_secret_expires_at, \
-     created_at, updated_at, plugin_id, plugin_config, max_in_flight";
+     created_at, updated_at, plugin_id, plugin_config, max_in_flight, rate_limit, rate_limit_burst";
 pub(super) const PLUGIN_COLUMNS: &str = "id, name, version, sha256, size, created_at";
 pub(super) const PLUGIN_CODE_COLUMNS: &str = "sha256, wasm, artifact, artifact_key";
 pub(super) const EVENT_COLUMNS: &str = "id, app_id, event_type, payload, created_at";
@@ -93,6 +93,23 @@ fn max_in_flight(r: &impl ReadRow) -> StoreResult<Option<InFlightLimit>> {
     ))
 }
 
+fn rate_limit(r: &impl ReadRow) -> StoreResult<Option<RateLimit>> {
+    match r.value::<Option<i64>>("rate_limit")? {
+        Some(per_second) => Ok(Some(stored_rate(per_second, r.value("rate_limit_burst")?)?)),
+        None => Ok(None),
+    }
+}
+
+/// A rate limit from its stored columns.
+pub(super) fn stored_rate(per_second: i64, burst: Option<i64>) -> StoreResult<RateLimit> {
+    let per_second = u64::try_from(per_second).map_err(|e| corrupt("rate_limit", e))?;
+    let burst = burst
+        .map(u64::try_from)
+        .transpose()
+        .map_err(|e| corrupt("rate_limit_burst", e))?;
+    RateLimit::parse(per_second, burst).map_err(|(field, e)| corrupt(field, e))
+}
+
 fn attached_plugin(r: &impl ReadRow) -> StoreResult<Option<AttachedPlugin>> {
     let Some(id) = r.value::<Option<String>>("plugin_id")? else {
         return Ok(None);
@@ -126,6 +143,7 @@ pub(super) fn webhook(r: &impl ReadRow) -> StoreResult<Webhook> {
         headers: headers(r)?,
         raw_payload: r.value("raw_payload")?,
         max_in_flight: max_in_flight(r)?,
+        rate_limit: rate_limit(r)?,
         secret: r.value("secret")?,
         previous_secret: r.value("previous_secret")?,
         previous_secret_expires_at: r.value("previous_secret_expires_at")?,

@@ -60,6 +60,17 @@ async fn an_endpoint_that_fails_at_once_does_not_slow_another_apps_endpoint() {
 }
 
 #[tokio::test]
+async fn an_endpoint_that_throttles_does_not_slow_another_apps_endpoint() {
+    for round in rounds_beside(Neighbour::Throttle).await {
+        // Each 429 holds its lane for the 2 s it asks, and the lane starts
+        // again at two in flight: a run of a few seconds sees a few pairs.
+        // Unheld, its backlog of 1,000 would go through during the run.
+        assert!(round.noisy_requests <= 12, "{round:?}");
+        assert!(round.noisy_requests >= 1, "{round:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_runaway_plugin_does_not_slow_another_apps_plugin() {
     for round in rounds_beside(Neighbour::Plugin).await {
         // A plugin that fails leaks nothing to the endpoint.

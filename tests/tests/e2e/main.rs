@@ -13,6 +13,7 @@ mod receivers;
 mod restart;
 mod retries;
 mod scale_out;
+mod traffic;
 mod url_safety;
 
 use std::collections::HashMap;

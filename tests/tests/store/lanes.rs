@@ -11,7 +11,7 @@ use wasmhook::domain::{
     Webhook, WebhookEffect,
 };
 
-use wasmhook::domain::pacing::{PACE_AFTER_FAILURES, pause_ms};
+use wasmhook::domain::lane::{self, PACE_AFTER_FAILURES};
 
 use crate::{Fixture, LEASE, fields, succeeded};
 
@@ -227,7 +227,7 @@ const HELD_PAUSE_MS: i64 = 1_000;
 /// [`HELD_PAUSE_MS`]; returns the failures so far.
 async fn fail_while_paced(f: &Fixture, webhook: &Webhook, mut failures: i64) -> i64 {
     loop {
-        let pause = pause_ms(-failures).unwrap();
+        let pause = lane::pause(-failures).unwrap();
         if pause >= HELD_PAUSE_MS {
             return failures;
         }
@@ -272,7 +272,7 @@ async fn a_webhook_that_keeps_failing_is_paced_until_its_first_success() {
     // Paced: one attempt at a time, none during the pause after it.
     let failures = fail_while_paced(&f, &failing, failures).await;
     assert!(f.claim(100).await.is_empty(), "the pause holds the lane");
-    let pause = pause_ms(-failures).unwrap() as u64;
+    let pause = lane::pause(-failures).unwrap() as u64;
     tokio::time::sleep(Duration::from_millis(pause + 50)).await;
     let next = f.claim(100).await;
     assert_eq!(next.len(), 1, "the pause ended");

@@ -7,6 +7,7 @@
 mod events;
 mod lanes;
 mod queue;
+mod rates;
 mod records;
 mod wakes;
 mod worker;
@@ -76,7 +77,7 @@ impl Fixture {
 
     /// Gives the webhooks of `app` subscribed to `event_type` a streak
     /// of successes, so their lanes take their whole in-flight limit at
-    /// once rather than starting with two (see `domain::pacing`). Runs
+    /// once rather than starting with two (see `domain::lane`). Runs
     /// before anything else is queued: it records whatever it claims.
     pub async fn warm(&self, app: &App, event_type: &str) {
         for _ in 0..WARM_UP {
@@ -126,6 +127,7 @@ pub fn succeeded(claimed: &ClaimedDelivery) -> AttemptRecord {
         }),
         next: NextState::Succeeded,
         webhook: WebhookEffect::Healthy,
+        throttled_until: None,
         now: now_ms(),
     }
 }
@@ -140,6 +142,7 @@ pub fn fields(url: &str) -> WebhookFields {
         headers: CustomHeaders::default(),
         raw_payload: false,
         max_in_flight: None,
+        rate_limit: None,
         plugin: None,
     }
 }

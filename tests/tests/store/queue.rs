@@ -40,6 +40,7 @@ fn record(
         attempt,
         next,
         webhook,
+        throttled_until: None,
         now: now_ms(),
     }
 }

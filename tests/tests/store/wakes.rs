@@ -26,7 +26,7 @@ async fn steady_webhook(f: &Fixture, app: &App) -> Webhook {
     settings.max_in_flight = Some(InFlightLimit::parse(2).expect("limit"));
     settings.event_types = filter(Some(&[EVENT_TYPE]));
     let webhook = f.webhook(app, settings).await;
-    for _ in 0..2 * wasmhook::domain::pacing::LONGEST_STREAK {
+    for _ in 0..2 * wasmhook::domain::lane::LONGEST_STREAK {
         f.publish(app, EVENT_TYPE).await;
         let claimed = f.claim(10).await;
         assert_eq!(claimed.len(), 1, "one published, one claimed");

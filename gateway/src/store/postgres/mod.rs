@@ -4,7 +4,10 @@
 //! batches travel as arrays, unnested on the server, so a batch of records
 //! is a few statements, not a round trip each.
 
+mod lanes;
 mod migrate;
+
+pub use lanes::EMPTIED_LANE_RECHECK;
 
 use std::collections::HashSet;
 use std::sync::{Arc, LazyLock};
@@ -16,158 +19,17 @@ use sqlx::{PgConnection, Row};
 use super::rows::{self, *};
 use super::rules::{self, KeySeen};
 use super::{StoreError, StoreResult, found};
-use crate::clock::{Millis, millis, now_ms};
-use crate::domain::pacing;
+use crate::clock::{Millis, now_ms};
 use crate::domain::{
-    App, AppId, Attempt, AttemptId, AttemptRecord, AttemptRow, ClaimRequest, ClaimToken,
-    ClaimedDelivery, Delivery, DeliveryId, DeliveryStatus, Event, EventId, HeldClaim, KeyId,
-    NewEvent, NewPlugin, PageRequest, Plugin, PluginCode, PluginId, Published, QueueStats, Queued,
-    Upload, Webhook, WebhookEffect, WebhookFields, WebhookId,
+    App, AppId, Attempt, AttemptId, AttemptRecord, AttemptRow, ClaimRequest, ClaimedDelivery,
+    Delivery, DeliveryId, DeliveryStatus, Event, EventId, HeldClaim, KeyId, NewEvent, NewPlugin,
+    PageRequest, Plugin, PluginCode, PluginId, Published, QueueStats, Queued, Upload, Webhook,
+    WebhookEffect, WebhookFields, WebhookId,
 };
-
-/// Lanes with due work no other worker is claiming from, oldest first,
-/// with their in-flight limits as their streaks allow
-/// (`pacing::in_flight`): (now, most lanes, default limit, failures to
-/// pace, first in flight).
-const LANES_SQL: &str = "SELECT l.webhook_id, CASE WHEN l.streak <= -$4 THEN 1 \
-     ELSE LEAST(COALESCE(w.max_in_flight, $3), $5::bigint << LEAST(GREATEST(l.streak, 0), 16)::int) END \
-     FROM webhook_lanes l JOIN webhooks w ON w.id = l.webhook_id \
-     WHERE l.next_due_at IS NOT NULL AND l.next_due_at <= $1 \
-     ORDER BY l.next_due_at LIMIT $2 FOR UPDATE OF l SKIP LOCKED";
-/// The claim from locked lanes, ending in `claimed` (the leased
-/// deliveries): (now, most deliveries, lanes, their limits, lease end,
-/// token, recheck time). A lane left with room is due again at the
-/// recheck time ([`EMPTIED_LANE_RECHECK`]). The deliveries' own locks are
-/// skipped, never waited for, and a lease is set only where the row is
-/// still due when it is written. Each lane offers at most its part of
-/// the claim (the claim's size over the lanes', at least one): every row
-/// offered is locked, and locking eight from each of 64 lanes to keep 64
-/// cost 7 of a claim's 10 ms. The lease is written to the rows `due`
-/// locked, found by their `ctid` (a TID scan; locked by this statement,
-/// they cannot move before it writes them). Joined by id, the planner
-/// guessed `due` at the whole limit and scanned the table with a hash
-/// join (5 of a claim's 9 ms with 10,000 queued); matched against an
-/// array of ids, a table growing under publishing was planned worse
-/// still.
-const CLAIM_SQL: &str = "WITH lanes AS ( \
-         SELECT * FROM UNNEST($3::text[], $4::bigint[]) AS l(webhook_id, max_in_flight)), \
-     room AS ( \
-         SELECT lanes.webhook_id, lanes.max_in_flight - ( \
-             SELECT count(*) FROM deliveries s \
-             WHERE s.webhook_id = lanes.webhook_id AND s.status = 'sending' AND s.due_at > $1) AS room \
-         FROM lanes), \
-     due AS ( \
-         SELECT d.id, d.row, d.webhook_id, d.due_at FROM room CROSS JOIN LATERAL ( \
-             SELECT x.id, x.ctid AS row, x.webhook_id, x.due_at FROM deliveries x \
-             WHERE x.webhook_id = room.webhook_id AND x.due_at IS NOT NULL AND x.due_at <= $1 \
-             ORDER BY x.due_at \
-             LIMIT GREATEST(LEAST(room.room, GREATEST($2 / (SELECT count(*) FROM lanes), 1)), 0) \
-             FOR UPDATE SKIP LOCKED) d \
-         ORDER BY d.due_at LIMIT $2), \
-     claimed AS ( \
-         UPDATE deliveries d SET status = 'sending', due_at = $5, claim_token = $6, updated_at = $1 \
-         WHERE d.ctid = ANY(ARRAY(SELECT row FROM due)) AND d.due_at IS NOT NULL AND d.due_at <= $1 \
-         RETURNING d.id, d.claim_token, d.attempts, d.app_id, d.event_id, d.webhook_id), \
-     taken AS (SELECT webhook_id, count(*) AS n FROM due GROUP BY webhook_id), \
-     rescheduled AS ( \
-         UPDATE webhook_lanes l SET \
-             parked = r.room <= COALESCE(t.n, 0), \
-             emptied = t.n IS NULL AND r.room > 0 AND NOT l.emptied, \
-             next_due_at = LEAST( \
-                 CASE WHEN t.n > 0 THEN $5 END, \
-                 CASE WHEN r.room > COALESCE(t.n, 0) AND (t.n > 0 OR NOT l.emptied) THEN $7 END, \
-                 CASE WHEN r.room <= COALESCE(t.n, 0) THEN ( \
-                     SELECT s.due_at FROM deliveries s \
-                     WHERE s.webhook_id = r.webhook_id AND s.status = 'sending' AND s.due_at > $1 \
-                     ORDER BY s.due_at LIMIT 1) \
-                 ELSE ( \
-                     SELECT x.due_at FROM deliveries x \
-                     WHERE x.webhook_id = r.webhook_id AND x.due_at IS NOT NULL \
-                     AND NOT EXISTS (SELECT 1 FROM due WHERE due.id = x.id) \
-                     ORDER BY x.due_at LIMIT 1) END) \
-         FROM room r LEFT JOIN taken t ON t.webhook_id = r.webhook_id \
-         WHERE l.webhook_id = r.webhook_id)";
-/// The CTE `locked` that every statement writing lanes (other than a
-/// claim's, which writes only lanes it already holds) starts with: the
-/// lanes `filter` picks, locked in webhook order, so that two such
-/// statements never wait on each other in a cycle (they did, when each
-/// wrote its lanes in the order its plan found them). After waiting for
-/// a lock, the filter is read again on the lane as the holder left it.
-fn locked_lanes(filter: &str) -> String {
-    format!(
-        "locked AS (SELECT webhook_id FROM webhook_lanes WHERE {filter} \
-         ORDER BY webhook_id FOR NO KEY UPDATE)"
-    )
-}
-
-/// New work for lanes that are not at their limit, in a publish's
-/// transaction: (now, webhooks). It leaves a lane that is due or full
-/// alone, and so neither waits for nor takes its lock: a publish holding
-/// every lane it touches until its commit (a WAL flush) would make claims
-/// skip a busy lane while anyone publishes to it, and publishes to one
-/// endpoint would queue on its lane. A claim running meanwhile may miss
-/// the new work; see [`EMPTIED_LANE_RECHECK`].
-const WAKE_FOR_WORK: &str = "NOT parked AND (next_due_at IS NULL OR next_due_at > $1 OR emptied)";
-static WAKE_FOR_WORK_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH {} UPDATE webhook_lanes SET next_due_at = $1 \
-         WHERE webhook_id IN (SELECT webhook_id FROM locked)",
-        locked_lanes(&format!("webhook_id = ANY($2) AND {WAKE_FOR_WORK}"))
-    )
-});
-/// How soon a lane is looked at again after a claim that left it with
-/// room and nothing more it could see. A claim reads the queue as it was
-/// when the claim began, so work a publish commits meanwhile is invisible
-/// to it, and that publish's wake ([`WAKE_FOR_WORK_SQL`]), which neither
-/// waits for nor takes the lane's lock, may have seen the lane due and
-/// left it. So such a claim leaves the lane due at this time. A look
-/// that then finds nothing marks the lane `emptied` and looks once more;
-/// publishes treat an emptied lane as idle and wake it under its lock,
-/// so the look after that, which idles the lane, cannot miss them. The
-/// work of every publish whose commit took less than this is found; the
-/// worker's sweep ([`PostgresStore::wake_stranded_lanes`]) finds any other.
-pub const EMPTIED_LANE_RECHECK: Duration = Duration::from_millis(200);
-/// A lane's streak after a batch of its attempts, as in
-/// `pacing::BatchStreak::applied_to`; `r` is the batch, `$8` the longest
-/// streak.
-const NEW_STREAK: &str = "GREATEST(-$8, LEAST($8, CASE WHEN r.recent = 0 THEN l.streak \
-     WHEN r.broken OR l.streak * r.recent < 0 THEN r.recent ELSE l.streak + r.recent END))";
-/// Attempts of these lanes were recorded: each one's streak moves on, and
-/// a slot came free, now or, for a paced lane, after its pause (parked
-/// until then): (now, failures to pace, first pause, longest pause,
-/// webhooks, their recent streaks, broken, longest streak). The streak is computed
-/// from the row being updated, so concurrent recorders never lose one.
-/// Every lane is written, even one whose state stays as it was: the
-/// write waits for a claim holding the lane, which may have counted
-/// these attempts as in flight and parked the lane full.
-static RECORDED_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH {locked} UPDATE webhook_lanes l SET streak = {s}, parked = {s} <= -$2, next_due_at = CASE \
-             WHEN {s} <= -$2 THEN $1 + LEAST($3::bigint << LEAST(-({s}) - $2, 16)::int, $4) \
-             WHEN l.parked OR l.next_due_at IS NULL OR l.next_due_at > $1 THEN $1 \
-             ELSE l.next_due_at END \
-         FROM UNNEST($5::text[], $6::bigint[], $7::boolean[]) AS r(webhook_id, recent, broken) \
-         WHERE l.webhook_id = r.webhook_id AND l.webhook_id IN (SELECT webhook_id FROM locked)",
-        locked = locked_lanes("webhook_id = ANY($5)"),
-        s = NEW_STREAK
-    )
-});
-/// Slots of these lanes came free: (now, webhooks). Every lane is
-/// written whatever its state, so the write waits for a claim holding
-/// the lane, which may have counted the lane full, and then reads the
-/// lane as that claim left it.
-static WAKE_WITH_ROOM_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH {} UPDATE webhook_lanes SET parked = FALSE, next_due_at = CASE \
-             WHEN parked OR next_due_at IS NULL OR next_due_at > $1 THEN $1 ELSE next_due_at END \
-         WHERE webhook_id IN (SELECT webhook_id FROM locked)",
-        locked_lanes("webhook_id = ANY($2)")
-    )
-});
 
 /// A new event with its deliveries, in one statement and transaction,
 /// unless its id or idempotency key is taken; wakes the lanes it can
-/// (as [`WAKE_FOR_WORK_SQL`]): (app, event id, type, payload, key, now,
+/// ([`lanes::publish_ctes`]): (app, event id, type, payload, key, now,
 /// delivery ids, their webhooks); returns whether the event went in.
 static PUBLISH_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
@@ -178,43 +40,9 @@ static PUBLISH_SQL: LazyLock<String> = LazyLock::new(|| {
              INSERT INTO deliveries (id, app_id, event_id, webhook_id, status, due_at, created_at, updated_at) \
              SELECT d.id, e.app_id, e.id, d.webhook_id, 'pending', $6, $6, $6 \
              FROM event e, UNNEST($7::text[], $8::text[]) AS d(id, webhook_id) RETURNING 1), \
-         {locked}, \
-         woken AS ( \
-             UPDATE webhook_lanes SET next_due_at = $6 \
-             WHERE webhook_id IN (SELECT webhook_id FROM locked)) \
-         SELECT count(*) FROM event",
-        locked = locked_lanes(&format!(
-            "webhook_id = ANY($8) AND {} AND EXISTS (SELECT 1 FROM event)",
-            // The publish's `now` is its sixth parameter.
-            WAKE_FOR_WORK.replace("$1", "$6")
-        ))
-    )
-});
-/// Claimed deliveries go back, due now, and their lanes have room again:
-/// (now, delivery ids, their claim tokens).
-static RELEASE_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH released AS ( \
-             UPDATE deliveries d SET status = CASE WHEN attempts = 0 THEN 'pending' ELSE 'failed' END, \
-             due_at = $1, claim_token = NULL, updated_at = $1 \
-             FROM UNNEST($2::text[], $3::text[]) AS c(id, token) \
-             WHERE d.id = c.id AND d.claim_token = c.token RETURNING d.webhook_id), \
          {} \
-         UPDATE webhook_lanes SET parked = FALSE, next_due_at = $1 \
-         WHERE webhook_id IN (SELECT webhook_id FROM locked)",
-        locked_lanes("webhook_id IN (SELECT webhook_id FROM released)")
-    )
-});
-/// Lanes idle or waiting while work of theirs is due: (now).
-static STRANDED_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH {} UPDATE webhook_lanes SET next_due_at = $1 \
-         WHERE webhook_id IN (SELECT webhook_id FROM locked)",
-        locked_lanes(
-            "NOT parked AND (next_due_at IS NULL OR next_due_at > $1) \
-             AND EXISTS (SELECT 1 FROM deliveries d \
-                 WHERE d.webhook_id = webhook_lanes.webhook_id AND d.due_at IS NOT NULL AND d.due_at <= $1)"
-        )
+         SELECT count(*) FROM event",
+        lanes::publish_ctes("$6", "$8", "EXISTS (SELECT 1 FROM event)")
     )
 });
 
@@ -414,10 +242,12 @@ impl PostgresStore {
         let sql = format!(
             "WITH created AS ( \
                  INSERT INTO webhooks (id, app_id, url, description, event_types, enabled, headers, raw_payload, \
-                 secret, created_at, updated_at, plugin_id, plugin_config, max_in_flight) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12, $13) RETURNING {WEBHOOK_COLUMNS}), \
-             lane AS (INSERT INTO webhook_lanes (webhook_id) SELECT id FROM created) \
-             SELECT * FROM created"
+                 secret, created_at, updated_at, plugin_id, plugin_config, max_in_flight, rate_limit, rate_limit_burst) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12, $13, $14, $15) \
+                 RETURNING {WEBHOOK_COLUMNS}), \
+             {} \
+             SELECT * FROM created",
+            lanes::CREATE
         );
         let row = sqlx::query(&sql)
             .bind(id.as_str())
@@ -433,6 +263,8 @@ impl PostgresStore {
             .bind(f.plugin.as_ref().map(|p| p.id.as_str()))
             .bind(f.plugin.as_ref().map(|p| &p.config))
             .bind(f.max_in_flight.map(|m| i64::from(m.get())))
+            .bind(f.rate_limit.map(|r| i64::from(r.per_second())))
+            .bind(f.rate_limit.map(|r| i64::from(r.burst())))
             .fetch_one(&self.pool)
             .await
             .map_err(|e| on_violation(e, FOREIGN_KEY_VIOLATION, StoreError::PluginMissing))?;
@@ -477,8 +309,8 @@ impl PostgresStore {
             "UPDATE webhooks SET url = $1, description = $2, event_types = $3, headers = $4, raw_payload = $5, \
              disabled_reason = CASE WHEN $6 THEN NULL ELSE disabled_reason END, \
              failing_since = CASE WHEN $6 AND NOT enabled THEN NULL ELSE failing_since END, \
-             enabled = $6, updated_at = $7, plugin_id = $10, plugin_config = $11, max_in_flight = $12 \
-             WHERE app_id = $8 AND id = $9 RETURNING {WEBHOOK_COLUMNS}"
+             enabled = $6, updated_at = $7, plugin_id = $10, plugin_config = $11, max_in_flight = $12, \
+             rate_limit = $13, rate_limit_burst = $14 WHERE app_id = $8 AND id = $9 RETURNING {WEBHOOK_COLUMNS}"
         );
         let row = sqlx::query(&sql)
             .bind(&f.url)
@@ -493,12 +325,14 @@ impl PostgresStore {
             .bind(f.plugin.as_ref().map(|p| p.id.as_str()))
             .bind(f.plugin.as_ref().map(|p| &p.config))
             .bind(f.max_in_flight.map(|m| i64::from(m.get())))
+            .bind(f.rate_limit.map(|r| i64::from(r.per_second())))
+            .bind(f.rate_limit.map(|r| i64::from(r.burst())))
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| on_violation(e, FOREIGN_KEY_VIOLATION, StoreError::PluginMissing))?;
         let webhook = map_row(row, rows::webhook)?.ok_or(StoreError::NotFound)?;
         // Its limit may have risen: look at the lane again now.
-        sqlx::query(&WAKE_WITH_ROOM_SQL)
+        sqlx::query(&lanes::ROOM)
             .bind(now_ms())
             .bind([webhook.id.as_str()].as_slice())
             .execute(&self.pool)
@@ -769,22 +603,16 @@ impl PostgresStore {
         map_rows(&rows, rows::attempt)
     }
 
-    /// The lane is written whatever its state, so the write waits for a
-    /// claim holding the lane and reads it as that claim left it; a retry
-    /// is rare enough for its one-statement transaction to hold the lane's
-    /// lock.
+    /// The delivery and its lane ([`lanes::RETRY`]) in one statement.
     pub async fn retry_delivery(&self, app_id: &AppId, id: &DeliveryId) -> StoreResult<Delivery> {
         let now = now_ms();
         let sql = format!(
             "WITH retried AS ( \
                  UPDATE deliveries SET status = 'pending', due_at = $1, claim_token = NULL, updated_at = $1 \
                  WHERE app_id = $2 AND id = $3 AND status <> 'sending' RETURNING {DELIVERY_COLUMNS}), \
-             woken AS ( \
-                 UPDATE webhook_lanes SET next_due_at = CASE \
-                     WHEN NOT parked AND (next_due_at IS NULL OR next_due_at > $1) THEN $1 \
-                     ELSE next_due_at END \
-                 WHERE webhook_id IN (SELECT webhook_id FROM retried)) \
-             SELECT * FROM retried"
+             {} \
+             SELECT * FROM retried",
+            *lanes::RETRY
         );
         let row = sqlx::query(&sql)
             .bind(now)
@@ -812,30 +640,7 @@ impl PostgresStore {
     pub async fn claim_due(&self, request: ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
         let now = now_ms();
         let mut tx = self.queue.begin().await?;
-        let lanes: Vec<(String, i64)> = sqlx::query_as(LANES_SQL)
-            .bind(now)
-            .bind(i64::from(request.limit))
-            .bind(i64::from(request.default_max_in_flight.get()))
-            .bind(pacing::PACE_AFTER_FAILURES)
-            .bind(pacing::FIRST_IN_FLIGHT)
-            .fetch_all(&mut *tx)
-            .await?;
-        if lanes.is_empty() {
-            tx.commit().await?;
-            return Ok(Vec::new());
-        }
-        let (webhooks, limits): (Vec<String>, Vec<i64>) = lanes.into_iter().unzip();
-        let sql = format!("{CLAIM_SQL} SELECT {CLAIMED_COLUMNS} FROM claimed d {CLAIMED_JOINS}");
-        let rows = sqlx::query(&sql)
-            .bind(now)
-            .bind(i64::from(request.limit))
-            .bind(webhooks)
-            .bind(limits)
-            .bind(now + millis(request.lease))
-            .bind(ClaimToken::new().as_str())
-            .bind(now + millis(EMPTIED_LANE_RECHECK))
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows = lanes::claim(&mut tx, &request, now).await?;
         tx.commit().await?;
         map_rows(&rows, rows::claimed)
     }
@@ -849,20 +654,7 @@ impl PostgresStore {
             .filter(|r| current.contains(r.delivery_id.as_str()))
             .collect();
         insert_attempts(&mut tx, &current).await?;
-        // In webhook order for every recorder, so two never wait on each
-        // other.
-        let streaks = pacing::batch_streaks(current.iter().copied());
-        sqlx::query(&RECORDED_SQL)
-            .bind(now_ms())
-            .bind(pacing::PACE_AFTER_FAILURES)
-            .bind(pacing::FIRST_PAUSE_MS)
-            .bind(pacing::LONGEST_PAUSE_MS)
-            .bind(streaks.keys().map(|w| w.as_str()).collect::<Vec<_>>())
-            .bind(streaks.values().map(|s| s.trailing).collect::<Vec<_>>())
-            .bind(streaks.values().map(|s| s.broken).collect::<Vec<_>>())
-            .bind(pacing::LONGEST_STREAK)
-            .execute(&mut *tx)
-            .await?;
+        lanes::record(&mut tx, current.iter().copied(), now_ms()).await?;
         let healthy: Vec<&str> = current
             .iter()
             .filter(|r| r.webhook == WebhookEffect::Healthy)
@@ -884,7 +676,7 @@ impl PostgresStore {
     }
 
     pub async fn release(&self, claims: Vec<HeldClaim>) -> StoreResult<()> {
-        sqlx::query(&RELEASE_SQL)
+        sqlx::query(&lanes::RELEASE)
             .bind(now_ms())
             .bind(
                 claims
@@ -898,8 +690,15 @@ impl PostgresStore {
         Ok(())
     }
 
+    pub async fn next_due_at(&self, now: Millis) -> StoreResult<Option<Millis>> {
+        Ok(sqlx::query_scalar(lanes::NEXT_DUE)
+            .bind(now)
+            .fetch_one(&self.queue)
+            .await?)
+    }
+
     pub async fn wake_stranded_lanes(&self) -> StoreResult<u64> {
-        let woken = sqlx::query(&STRANDED_SQL)
+        let woken = sqlx::query(&lanes::SWEEP)
             .bind(now_ms())
             .execute(&self.queue)
             .await?;
@@ -992,7 +791,7 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Publishe
     .bind(now)
     .execute(&mut *c)
     .await?;
-    sqlx::query(&WAKE_FOR_WORK_SQL)
+    sqlx::query(&lanes::WAKE)
         .bind(now)
         .bind(
             deliveries

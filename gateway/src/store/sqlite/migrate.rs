@@ -12,6 +12,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../../migrations/sqlite/0003_retention.sql"),
     include_str!("../../../../migrations/sqlite/0004_lanes.sql"),
     include_str!("../../../../migrations/sqlite/0005_lane_streaks.sql"),
+    include_str!("../../../../migrations/sqlite/0006_rate_limits.sql"),
 ];
 
 pub fn run(connection: &mut Connection) -> StoreResult<()> {

@@ -2,9 +2,10 @@
 //! group-commit writer of [`connection`], read through its reader pool.
 
 mod connection;
+mod lanes;
 mod migrate;
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, Params, Row, params};
 
@@ -12,72 +13,14 @@ use self::connection::{Durability, Readers, Writer};
 use super::rows::{self, *};
 use super::rules::{self, KeySeen};
 use super::{StoreError, StoreResult, found};
-use crate::clock::{Millis, millis, now_ms};
-use crate::domain::pacing;
+use crate::clock::{Millis, now_ms};
 use crate::domain::{
-    App, AppId, Attempt, AttemptId, AttemptRecord, ClaimRequest, ClaimToken, ClaimedDelivery,
-    Delivery, DeliveryId, DeliveryStatus, Event, EventId, HeldClaim, InFlightLimit, KeyId,
-    NewEvent, NewPlugin, PageRequest, Plugin, PluginCode, PluginId, Published, QueueStats, Queued,
+    App, AppId, Attempt, AttemptId, AttemptRecord, ClaimRequest, ClaimedDelivery, Delivery,
+    DeliveryId, DeliveryStatus, Event, EventId, HeldClaim, InFlightLimit, KeyId, NewEvent,
+    NewPlugin, PageRequest, Plugin, PluginCode, PluginId, Published, QueueStats, Queued, RateLimit,
     Upload, Webhook, WebhookEffect, WebhookFields, WebhookId,
 };
 
-/// Lanes with due work, oldest first, with their in-flight limits as
-/// their streaks allow (`pacing::in_flight`): (default limit, now, most
-/// lanes, failures to pace, first in flight).
-const LANES_SQL: &str = "SELECT l.webhook_id, CASE WHEN l.streak <= -?4 THEN 1 \
-     ELSE MIN(COALESCE(w.max_in_flight, ?1), ?5 << MIN(MAX(l.streak, 0), 16)) END AS max_in_flight \
-     FROM webhook_lanes l JOIN webhooks w ON w.id = l.webhook_id \
-     WHERE l.next_due_at IS NOT NULL AND l.next_due_at <= ?2 ORDER BY l.next_due_at LIMIT ?3";
-/// A lane's attempts in flight under a live lease: (webhook, now).
-const LIVE_SQL: &str = "SELECT COUNT(*) AS live FROM deliveries \
-     WHERE webhook_id = ?1 AND status = 'sending' AND due_at > ?2";
-/// Claims a lane's oldest due deliveries (an expired lease is due):
-/// (lease end, token, now, webhook, most).
-const TAKE_SQL: &str = "UPDATE deliveries SET status = 'sending', due_at = ?1, claim_token = ?2, updated_at = ?3 \
-     WHERE id IN (SELECT id FROM deliveries WHERE webhook_id = ?4 AND due_at IS NOT NULL AND due_at <= ?3 \
-                  ORDER BY due_at LIMIT ?5) \
-     RETURNING id";
-/// A lane at its limit waits for a finished attempt, or its first live
-/// lease's end: (webhook, now).
-const PARK_SQL: &str = "UPDATE webhook_lanes SET parked = 1, next_due_at = \
-     (SELECT MIN(due_at) FROM deliveries WHERE webhook_id = ?1 AND status = 'sending' AND due_at > ?2) \
-     WHERE webhook_id = ?1";
-/// A lane with room is due again at its next due delivery: (webhook).
-const NEXT_SQL: &str = "UPDATE webhook_lanes SET parked = 0, next_due_at = \
-     (SELECT MIN(due_at) FROM deliveries WHERE webhook_id = ?1 AND due_at IS NOT NULL) WHERE webhook_id = ?1";
-/// New work for a lane that is not at its limit: (now, webhook).
-const WAKE_FOR_WORK_SQL: &str = "UPDATE webhook_lanes SET next_due_at = ?1 \
-     WHERE webhook_id = ?2 AND NOT parked AND (next_due_at IS NULL OR next_due_at > ?1)";
-/// A lane's streak after a batch of its attempts: (trailing, broken,
-/// longest streak) as in `pacing::BatchStreak::applied_to`.
-const NEW_STREAK: &str = "MAX(-?8, MIN(?8, CASE WHEN ?3 = 0 THEN streak \
-     WHEN ?4 OR streak * ?3 < 0 THEN ?3 ELSE streak + ?3 END))";
-/// Attempts of the lane were recorded: its streak moves on, and a slot
-/// came free, now or, for a paced lane, after its pause (parked until
-/// then): (now, webhook, trailing, broken, failures to pace, first pause,
-/// longest pause, longest streak). A healthy lane in its steady state is
-/// left as it is.
-static RECORDED_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "UPDATE webhook_lanes SET streak = {s}, parked = {s} <= -?5, next_due_at = CASE \
-             WHEN {s} <= -?5 THEN ?1 + MIN(?6 << MIN(-({s}) - ?5, 16), ?7) \
-             WHEN parked OR next_due_at IS NULL OR next_due_at > ?1 THEN ?1 \
-             ELSE next_due_at END \
-         WHERE webhook_id = ?2 \
-         AND ({s} <> streak OR {s} <= -?5 OR parked OR next_due_at IS NULL OR next_due_at > ?1)",
-        s = NEW_STREAK
-    )
-});
-/// A slot of the lane came free: (now, webhook).
-const WAKE_WITH_ROOM_SQL: &str = "UPDATE webhook_lanes SET parked = 0, next_due_at = ?1 \
-     WHERE webhook_id = ?2 AND (parked OR next_due_at IS NULL OR next_due_at > ?1)";
-/// Lanes idle or waiting while work of theirs is due: (now). The
-/// writer runs one statement at a time, so no claim misses a wake-up
-/// here; the sweep is the same on both backends all the same.
-const STRANDED_SQL: &str = "UPDATE webhook_lanes SET next_due_at = ?1 \
-     WHERE NOT parked AND (next_due_at IS NULL OR next_due_at > ?1) \
-     AND EXISTS (SELECT 1 FROM deliveries d \
-         WHERE d.webhook_id = webhook_lanes.webhook_id AND d.due_at IS NOT NULL AND d.due_at <= ?1)";
 /// An app's enabled webhooks, for fan-out: (app id).
 const SUBSCRIBED_SQL: &str =
     "SELECT id, event_types FROM webhooks WHERE app_id = ? AND enabled ORDER BY id";
@@ -272,8 +215,8 @@ impl SqliteStore {
                 let id = WebhookId::new();
                 c.prepare_cached(
                     "INSERT INTO webhooks (id, app_id, url, description, event_types, enabled, headers, raw_payload, \
-                     secret, created_at, updated_at, plugin_id, plugin_config, max_in_flight) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     secret, created_at, updated_at, plugin_id, plugin_config, max_in_flight, rate_limit, \
+                     rate_limit_burst) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )?
                 .execute(params![
                     id.as_str(),
@@ -289,11 +232,12 @@ impl SqliteStore {
                     now,
                     f.plugin.as_ref().map(|p| p.id.as_str()),
                     f.plugin.as_ref().map(|p| &p.config),
-                    f.max_in_flight.map(InFlightLimit::get)
+                    f.max_in_flight.map(InFlightLimit::get),
+                    f.rate_limit.map(RateLimit::per_second),
+                    f.rate_limit.map(RateLimit::burst)
                 ])
                 .map_err(|e| on_constraint(e, StoreError::PluginMissing))?;
-                c.prepare_cached("INSERT INTO webhook_lanes (webhook_id) VALUES (?)")?
-                    .execute([id.as_str()])?;
+                c.prepare_cached(lanes::CREATE)?.execute([id.as_str()])?;
                 webhook_by_id(c, &app_id, &id)?.ok_or(StoreError::NotFound)
             })
             .await
@@ -341,8 +285,8 @@ impl SqliteStore {
                          raw_payload = ?5, \
                          disabled_reason = CASE WHEN ?6 THEN NULL ELSE disabled_reason END, \
                          failing_since = CASE WHEN ?6 AND NOT enabled THEN NULL ELSE failing_since END, \
-                         enabled = ?6, updated_at = ?7, plugin_id = ?10, plugin_config = ?11, max_in_flight = ?12 \
-                         WHERE app_id = ?8 AND id = ?9",
+                         enabled = ?6, updated_at = ?7, plugin_id = ?10, plugin_config = ?11, max_in_flight = ?12, \
+                         rate_limit = ?13, rate_limit_burst = ?14 WHERE app_id = ?8 AND id = ?9",
                     )?
                     .execute(params![
                         f.url,
@@ -356,13 +300,14 @@ impl SqliteStore {
                         id.as_str(),
                         f.plugin.as_ref().map(|p| p.id.as_str()),
                         f.plugin.as_ref().map(|p| &p.config),
-                        f.max_in_flight.map(InFlightLimit::get)
+                        f.max_in_flight.map(InFlightLimit::get),
+                        f.rate_limit.map(RateLimit::per_second),
+                        f.rate_limit.map(RateLimit::burst)
                     ])
                     .map_err(|e| on_constraint(e, StoreError::PluginMissing))?;
                 found(changed as u64)?;
                 // Its limit may have risen: look at the lane again now.
-                c.prepare_cached(WAKE_WITH_ROOM_SQL)?
-                    .execute(params![now_ms(), id.as_str()])?;
+                lanes::room(c, now_ms(), id.as_str())?;
                 webhook_by_id(c, &app_id, &id)?.ok_or(StoreError::NotFound)
             })
             .await
@@ -587,7 +532,7 @@ impl SqliteStore {
                 if changed == 0 {
                     return Err(StoreError::DeliveryInFlight);
                 }
-                wake_for_work(c, now, [delivery.webhook_id.as_str()])?;
+                lanes::wake(c, now, [delivery.webhook_id.as_str()])?;
                 Ok(delivery)
             })
             .await
@@ -600,7 +545,7 @@ impl SqliteStore {
     pub async fn claim_due(&self, request: ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>> {
         self.writer
             .write_with(Durability::Relaxed, move |c| {
-                let ids = claim_lanes(c, &request, now_ms())?;
+                let ids = lanes::claim(c, &request, now_ms())?;
                 let sql = format!(
                     "SELECT {CLAIMED_COLUMNS} FROM deliveries d {CLAIMED_JOINS} WHERE d.id = ?"
                 );
@@ -624,22 +569,7 @@ impl SqliteStore {
                         applied.push(record);
                     }
                 }
-                // Each lane a slot came free in, once per batch.
-                let mut recorded = c.prepare_cached(&RECORDED_SQL)?;
-                let now = now_ms();
-                for (webhook, streak) in pacing::batch_streaks(applied) {
-                    recorded.execute(params![
-                        now,
-                        webhook.as_str(),
-                        streak.trailing,
-                        streak.broken,
-                        pacing::PACE_AFTER_FAILURES,
-                        pacing::FIRST_PAUSE_MS,
-                        pacing::LONGEST_PAUSE_MS,
-                        pacing::LONGEST_STREAK,
-                    ])?;
-                }
-                Ok(())
+                lanes::record(c, applied, now_ms())
             })
             .await
     }
@@ -653,12 +583,11 @@ impl SqliteStore {
                      due_at = ?, claim_token = NULL, updated_at = ? WHERE id = ? AND claim_token = ? \
                      RETURNING webhook_id",
                 )?;
-                let mut wake = c.prepare_cached(WAKE_WITH_ROOM_SQL)?;
                 for claim in &claims {
                     let params = params![now, now, claim.delivery_id.as_str(), claim.token.as_str()];
                     let webhook: Option<String> = release.query_row(params, |r| r.get(0)).optional()?;
                     if let Some(webhook) = webhook {
-                        wake.execute(params![now, webhook])?;
+                        lanes::room(c, now, &webhook)?;
                     }
                 }
                 Ok(())
@@ -666,12 +595,20 @@ impl SqliteStore {
             .await
     }
 
+    pub async fn next_due_at(&self, now: Millis) -> StoreResult<Option<Millis>> {
+        self.readers
+            .read(move |c| {
+                let next = c
+                    .prepare_cached(lanes::NEXT_DUE)?
+                    .query_row([now], |r| r.get(0))?;
+                Ok(next)
+            })
+            .await
+    }
+
     pub async fn wake_stranded_lanes(&self) -> StoreResult<u64> {
         self.writer
-            .write_with(Durability::Relaxed, |c| {
-                let woken = c.prepare_cached(STRANDED_SQL)?.execute(params![now_ms()])?;
-                Ok(woken as u64)
-            })
+            .write_with(Durability::Relaxed, |c| lanes::sweep(c, now_ms()))
             .await
     }
 
@@ -742,7 +679,7 @@ fn publish(c: &Connection, event: &NewEvent) -> StoreResult<Published> {
     )?;
     let webhooks = collect(c, SUBSCRIBED_SQL, [app_id], |r| rows::subscription(r))?;
     let subscribed = rules::subscribed(webhooks, event.event_type.as_str());
-    wake_for_work(c, now, subscribed.iter().map(WebhookId::as_str))?;
+    lanes::wake(c, now, subscribed.iter().map(WebhookId::as_str))?;
     let mut deliveries = Vec::new();
     for webhook_id in subscribed {
         let id = DeliveryId::new();
@@ -800,71 +737,6 @@ fn repeat_of(c: &Connection, event: &NewEvent) -> StoreResult<Option<EventId>> {
         |r| r.value("created_at"),
     )?;
     rules::id_seen(event, earlier)
-}
-
-/// Walks the lanes with due work, oldest first, taking from each as many
-/// due deliveries as its in-flight limit leaves room for, until `limit`.
-/// Each lane visited is parked at its limit or set to its next due time.
-fn claim_lanes(c: &Connection, request: &ClaimRequest, now: Millis) -> StoreResult<Vec<String>> {
-    let limit = request.limit as usize;
-    let default_max = request.default_max_in_flight.get();
-    let lanes = collect(
-        c,
-        LANES_SQL,
-        params![
-            default_max,
-            now,
-            request.limit,
-            pacing::PACE_AFTER_FAILURES,
-            pacing::FIRST_IN_FLIGHT
-        ],
-        |r| {
-            Ok((
-                r.value::<String>("webhook_id")?,
-                r.value::<i64>("max_in_flight")?,
-            ))
-        },
-    )?;
-    let (lease_end, token) = (now + millis(request.lease), ClaimToken::new());
-    let mut ids: Vec<String> = Vec::new();
-    for (webhook, max) in lanes {
-        let left = limit - ids.len();
-        if left == 0 {
-            break;
-        }
-        let live: i64 = c
-            .prepare_cached(LIVE_SQL)?
-            .query_row(params![webhook, now], |r| r.get(0))?;
-        let room = (max - live).clamp(0, left as i64);
-        let taken: Vec<String> = if room > 0 {
-            let params = params![lease_end, token.as_str(), now, webhook, room];
-            collect(c, TAKE_SQL, params, |r| r.value("id"))?
-        } else {
-            Vec::new()
-        };
-        if live + taken.len() as i64 >= max {
-            c.prepare_cached(PARK_SQL)?.execute(params![webhook, now])?;
-        } else {
-            c.prepare_cached(NEXT_SQL)?.execute([&webhook])?;
-        }
-        ids.extend(taken);
-    }
-    Ok(ids)
-}
-
-/// Tells these webhooks' lanes that work is due `now`.
-fn wake_for_work<'a>(
-    c: &Connection,
-    now: Millis,
-    webhooks: impl IntoIterator<Item = &'a str>,
-) -> StoreResult<()> {
-    // One statement per lane: a JSON array of ids through json_each cost
-    // 17% more CPU per delivery to one webhook than this (measured).
-    let mut wake = c.prepare_cached(WAKE_FOR_WORK_SQL)?;
-    for webhook in webhooks {
-        wake.execute(params![now, webhook])?;
-    }
-    Ok(())
 }
 
 /// Applies one record; `false` when its claim was lost and nothing changed.
@@ -1034,11 +906,11 @@ mod tests {
     async fn the_claim_walks_indexes_in_order() {
         let (store, _dir) = store().await;
         let steps = [
-            (LANES_SQL, "webhook_lanes_due"),
-            (LIVE_SQL, "deliveries_in_flight"),
-            (TAKE_SQL, "deliveries_webhook_due"),
-            (PARK_SQL, "deliveries_in_flight"),
-            (NEXT_SQL, "deliveries_webhook_due"),
+            (lanes::DUE, "webhook_lanes_due"),
+            (lanes::LIVE, "deliveries_in_flight"),
+            (lanes::TAKE, "deliveries_webhook_due"),
+            (lanes::PARK, "deliveries_in_flight"),
+            (lanes::NEXT, "deliveries_webhook_due"),
         ];
         for (sql, index) in steps {
             let explain = format!("EXPLAIN QUERY PLAN {sql}");
@@ -1078,6 +950,7 @@ mod tests {
             headers: Default::default(),
             raw_payload: false,
             max_in_flight: None,
+            rate_limit: None,
             plugin: None,
         };
         store
@@ -1100,11 +973,11 @@ mod tests {
             .writer
             .write(|c| {
                 let statements = [
-                    LANES_SQL,
-                    LIVE_SQL,
-                    TAKE_SQL,
+                    lanes::DUE,
+                    lanes::LIVE,
+                    lanes::TAKE,
                     SUBSCRIBED_SQL,
-                    WAKE_FOR_WORK_SQL,
+                    &lanes::WAKE,
                 ]
                 .map(|sql| c.prepare_cached(sql));
                 let mut reprepared = Vec::new();

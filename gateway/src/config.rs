@@ -8,7 +8,9 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
 use ipnet::IpNet;
 
+use crate::clock::millis;
 use crate::domain::InFlightLimit;
+use crate::domain::lane::BreakerPolicy;
 use crate::plugin::PluginLimits;
 use crate::url_safety::UrlPolicy;
 
@@ -100,6 +102,24 @@ pub struct Settings {
     #[arg(long, env = "WASMHOOK_DISABLE_AFTER", default_value = "5d", value_parser = parse_duration)]
     pub disable_after: Duration,
 
+    /// A webhook's circuit breaker opens when at least this share of its
+    /// attempts (in percent) failed ...
+    #[arg(long, env = "WASMHOOK_BREAKER_FAILURE_PERCENT", default_value_t = 70, value_parser = clap::value_parser!(i64).range(1..=100))]
+    pub breaker_failure_percent: i64,
+
+    /// ... of at least this many attempts ...
+    #[arg(long, env = "WASMHOOK_BREAKER_MIN_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..))]
+    pub breaker_min_attempts: i64,
+
+    /// ... within a window this long.
+    #[arg(long, env = "WASMHOOK_BREAKER_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    pub breaker_window: Duration,
+
+    /// How long an open breaker holds the endpoint's deliveries before its
+    /// first probe; each failed probe doubles it, up to 5 minutes.
+    #[arg(long, env = "WASMHOOK_BREAKER_FIRST_PROBE", default_value = "5s", value_parser = parse_duration)]
+    pub breaker_first_probe: Duration,
+
     /// Window in which a repeated idempotency key or event id returns the
     /// first answer.
     #[arg(long, env = "WASMHOOK_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = parse_duration)]
@@ -171,6 +191,15 @@ impl Settings {
         match self.plugin_concurrency {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
             n => n,
+        }
+    }
+
+    pub fn breaker_policy(&self) -> BreakerPolicy {
+        BreakerPolicy {
+            failure_percent: self.breaker_failure_percent,
+            min_attempts: self.breaker_min_attempts,
+            window_ms: millis(self.breaker_window),
+            first_probe_ms: millis(self.breaker_first_probe),
         }
     }
 

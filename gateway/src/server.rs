@@ -52,6 +52,7 @@ impl Gateway {
         settings.validate().map_err(StartError::Config)?;
         let options = StoreOptions {
             pool_size: settings.database_pool_size,
+            breaker: settings.breaker_policy(),
         };
         let store = Store::open(&settings.database_url, &options).await?;
         tracing::info!(

@@ -26,6 +26,7 @@ const QUEUE_PENDING: &str = "wasmhook_queue_pending";
 const QUEUE_DUE: &str = "wasmhook_queue_due";
 const QUEUE_IN_FLIGHT: &str = "wasmhook_queue_in_flight";
 const QUEUE_OLDEST_DUE_AGE: &str = "wasmhook_queue_oldest_due_age_seconds";
+const BREAKERS: &str = "wasmhook_breakers";
 const RETENTION_DELETED: &str = "wasmhook_retention_deleted_events_total";
 const SQLITE_COMMITS: &str = "wasmhook_sqlite_commits_total";
 const SQLITE_COMMITTED_WRITES: &str = "wasmhook_sqlite_committed_writes_total";
@@ -102,6 +103,8 @@ impl Metrics {
             .oldest_due_at
             .map_or(0, |due_at| (now - due_at).max(0));
         gauge!(QUEUE_OLDEST_DUE_AGE).set(oldest_age as f64 / 1000.0);
+        gauge!(BREAKERS, "state" => "open").set(queue.breakers_open as f64);
+        gauge!(BREAKERS, "state" => "half_open").set(queue.breakers_half_open as f64);
         self.handle.render()
     }
 }
@@ -146,6 +149,10 @@ fn describe() {
         QUEUE_OLDEST_DUE_AGE,
         metrics::Unit::Seconds,
         "How long the oldest due delivery has waited past its due time (0 when none)."
+    );
+    describe_gauge!(
+        BREAKERS,
+        "Webhooks whose circuit breaker is open, by state (open: holding the endpoint's deliveries; half_open: a probe due or on its way), at scrape time."
     );
     describe_counter!(
         RETENTION_DELETED,

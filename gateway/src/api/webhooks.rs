@@ -1,6 +1,6 @@
 //! Webhooks: registration, changes, secret rotation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::Json;
 use axum::extract::State;
@@ -13,7 +13,8 @@ use super::AppState;
 use super::error::{ApiError, ApiResult, OrNotFound};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page, double_option};
 use super::openapi::ErrorResponses;
-use crate::clock::{millis, now_ms, rfc3339};
+use crate::clock::{Millis, millis, now_ms, rfc3339};
+use crate::domain::lane::LaneState;
 use crate::domain::{
     AppId, AttachedPlugin, CustomHeaders, EventTypeFilter, InFlightLimit, PluginId, RateLimit,
     Webhook, WebhookFields, WebhookId,
@@ -44,6 +45,7 @@ pub struct WebhookView {
     /// when there is no limit.
     rate_limit_burst: Option<u32>,
     secret_masked: String,
+    breaker: BreakerView,
     /// `{id, config}` of the attached plugin, or null.
     #[schema(value_type = Option<PluginAttachment>)]
     plugin: Option<Value>,
@@ -51,10 +53,59 @@ pub struct WebhookView {
     updated_at: String,
 }
 
-impl TryFrom<Webhook> for WebhookView {
-    type Error = ApiError;
+/// A webhook's circuit breaker: whether it holds the endpoint's
+/// deliveries after most recent attempts failed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BreakerView {
+    /// `closed`; `open`: the endpoint's deliveries wait, spending no
+    /// attempts, until the next probe; `half_open`: a probe is due or on
+    /// its way, and its success closes the breaker.
+    #[schema(example = "closed")]
+    state: &'static str,
+    /// When it opened; null when closed.
+    since: Option<String>,
+    /// The share of failed attempts in its current window (0 to 1); null
+    /// before any.
+    failure_rate: Option<f64>,
+    /// Attempts counted in its current window.
+    window_attempts: i64,
+}
 
-    fn try_from(w: Webhook) -> ApiResult<Self> {
+impl BreakerView {
+    fn of(lane: &LaneState, now: Millis) -> Self {
+        let breaker = &lane.breaker;
+        Self {
+            state: breaker.state(lane.held_until, now).as_str(),
+            since: breaker.open_since.map(rfc3339),
+            failure_rate: breaker.failure_rate(),
+            window_attempts: breaker.window_attempts,
+        }
+    }
+}
+
+/// Views of `webhooks` with their lanes' breakers, read in one query.
+async fn views(state: &AppState, webhooks: Vec<Webhook>) -> ApiResult<Vec<WebhookView>> {
+    let ids: Vec<WebhookId> = webhooks.iter().map(|w| w.id.clone()).collect();
+    let lanes: HashMap<WebhookId, LaneState> = state.store.lanes(&ids).await?.into_iter().collect();
+    let now = now_ms();
+    webhooks
+        .into_iter()
+        .map(|w| {
+            let lane = lanes.get(&w.id).copied().unwrap_or_default();
+            WebhookView::new(w, BreakerView::of(&lane, now))
+        })
+        .collect()
+}
+
+async fn view(state: &AppState, webhook: Webhook) -> ApiResult<WebhookView> {
+    let mut views = views(state, vec![webhook]).await?;
+    views
+        .pop()
+        .ok_or_else(|| ApiError::corrupt("a webhook without its view"))
+}
+
+impl WebhookView {
+    fn new(w: Webhook, breaker: BreakerView) -> ApiResult<Self> {
         let secret = Secret::parse(&w.secret).map_err(ApiError::corrupt)?;
         Ok(Self {
             id: w.id.into(),
@@ -70,6 +121,7 @@ impl TryFrom<Webhook> for WebhookView {
             rate_limit: w.rate_limit.map(RateLimit::per_second),
             rate_limit_burst: w.rate_limit.map(RateLimit::burst),
             secret_masked: secret.masked(),
+            breaker,
             plugin: match &w.plugin {
                 Some(p) => Some(json!({
                     "id": p.id,
@@ -284,7 +336,7 @@ pub async fn create(
         .create_webhook(&app.id, &fields, secret.expose())
         .await?;
     let created = WebhookCreated {
-        webhook: WebhookView::try_from(webhook)?,
+        webhook: view(&state, webhook).await?,
         secret: secret.expose().to_owned(),
     };
     Ok((StatusCode::CREATED, Json(created)))
@@ -323,10 +375,9 @@ pub async fn list(
     let app = caller.app(&state, &app).await?;
     let page = query.page()?;
     let webhooks = state.store.list_webhooks(&app.id, &page).await?;
-    let page = Page::new(webhooks, &page, |w| w.id.to_string(), WebhookView::try_from);
-    let data = page.data.into_iter().collect::<ApiResult<_>>()?;
+    let page = Page::new(webhooks, &page, |w| w.id.to_string(), |w| w);
     Ok(Json(Page {
-        data,
+        data: views(&state, page.data).await?,
         next_cursor: page.next_cursor,
     }))
 }
@@ -344,7 +395,7 @@ pub async fn show(
     ApiPath((app, id)): ApiPath<(String, WebhookId)>,
 ) -> ApiResult<Json<WebhookView>> {
     let app = caller.app(&state, &app).await?;
-    Ok(Json(find(&state, &app.id, &id).await?.try_into()?))
+    Ok(Json(view(&state, find(&state, &app.id, &id).await?).await?))
 }
 
 #[utoipa::path(
@@ -400,7 +451,7 @@ pub async fn update(
         .update_webhook(&app.id, &id, &fields)
         .await
         .or_not_found("webhook", &id)?;
-    Ok(Json(webhook.try_into()?))
+    Ok(Json(view(&state, webhook).await?))
 }
 
 #[utoipa::path(

@@ -9,8 +9,9 @@
 //! A lane's row holds `next_due_at` (when a claim should look at it next),
 //! `parked`, `streak` (consecutive successes, positive, or failures,
 //! negative; see [`Batch`]), `held_until` (no claim before then),
-//! `rate_tat` (its rate limit's state, see [`Gcra`]) and, on PostgreSQL
-//! only, `emptied`. Read at a time `now`, a lane is in one of these
+//! `rate_tat` (its rate limit's state, see [`Gcra`]), its circuit
+//! breaker ([`Breaker`]: `breaker_open_since`, `probe_ms` and the
+//! `window_*` counts) and, on PostgreSQL only, `emptied`. Read at a time `now`, a lane is in one of these
 //! states:
 //!
 //! | state    | `next_due_at` | `parked` | meaning |
@@ -20,7 +21,7 @@
 //! | waiting  | > now         | false    | its earliest work is due then (a retry's backoff, a recheck) |
 //! | full     | a lease's end | true     | at its in-flight limit: only a finished attempt, a release or that lease running out makes room |
 //! | paused   | the pause's end | true   | paced after failures ([`pause`]): one attempt, then this pause |
-//! | held     | `held_until` > now | false | its rate limit's next delivery, or a throttling answer's wait ([`throttle`]), is not yet due |
+//! | held     | `held_until` > now | false | its rate limit's next delivery, a throttling answer's wait ([`throttle`]) or its open breaker's next probe is not yet due |
 //!
 //! Whatever the state, `next_due_at` is never before `held_until`: every
 //! transition that sets it sets it to [`not_before`] the time it means.
@@ -36,8 +37,8 @@
 //! | create     | a webhook is created | idle, streak 0 | `CREATE` |
 //! | publish    | an event queues work for the lane | [`wakeable`] lanes become due now; others are left as they are | `PUBLISH` / `WAKE` |
 //! | retry      | a manual retry queues a delivery due now | as publish | `RETRY` / `WAKE` |
-//! | claim      | a worker takes up to the lane's room ([`in_flight`] less live leases) and its rate limit's allowance ([`Gcra`]) | [`ClaimEnd`]: full at its first live lease end, or due at its next due delivery; held until its rate limit's next delivery | `LOCK_DUE` + `CLAIM` / `LOCK_DUE`, `TAKE`, `PARK` or `NEXT` |
-//! | record     | a batch of its attempts is written | [`LaneState::recorded`]: the streak moves on; held while a throttling answer asked; paused, or due now | `LOCK` + `WRITE` |
+//! | claim      | a worker takes up to the lane's room ([`claim_limit`] less live leases) and its rate limit's allowance ([`Gcra`]) | [`ClaimEnd`]: full at its first live lease end, or due at its next due delivery; held until its rate limit's next delivery | `LOCK_DUE` + `CLAIM` / `LOCK_DUE`, `TAKE`, `PARK` or `NEXT` |
+//! | record     | a batch of its attempts is written | [`LaneState::recorded`]: the streak and the breaker's counts move on; held while a throttling answer asked, or until the next probe when the breaker opens or a probe fails; closed by a success; paused, or due now | `LOCK` + `WRITE` |
 //! | release    | claims are given back unattempted | due now, not parked | `RELEASE` / `ROOM` |
 //! | raise limit | the webhook is updated (its limit may have risen) | as release, unless already due | `ROOM` |
 //! | lease end  | a worker died holding claims | nothing is written: a full lane is due at its first lease end, where a claim counts the expired lease as room and takes the delivery over | – |
@@ -89,6 +90,20 @@
 //!    while its lane is full or paused; only a claim starts an attempt,
 //!    and only an attempt is counted against the retry schedule.
 //!
+//! # Why the lane lives in the database, not with a leasing worker
+//!
+//! The alternative (Hatchet's one process per queue, awa's run leases) is
+//! to lease each lane to one worker for a few seconds and keep its limits
+//! in that worker's memory, fenced by the lease. It was not taken: every
+//! claim here already holds the lanes it takes from, under a row lock a
+//! transaction long (invariant 1), so limits are exact across processes
+//! without a second kind of lease; a lane held by one process would cap a
+//! busy endpoint at what that process can send, and hand its backlog over
+//! only when the lease lapses; and SQLite has one process, where a lease
+//! buys nothing. What the lease would save, writing lane state with each
+//! claim and record, is a few rows per batch of deliveries, one statement
+//! each, on rows the transaction locks anyway.
+//!
 //! # Pacing
 //!
 //! A webhook that has not just succeeded (a new one, or one whose last
@@ -127,17 +142,22 @@ pub struct LaneState {
     pub parked: bool,
     pub streak: i64,
     /// No claim looks at the lane before this time: its rate limit's next
-    /// delivery, or the end of a throttling answer's wait ([`throttle`]).
+    /// delivery, the end of a throttling answer's wait ([`throttle`]), or
+    /// its open breaker's next probe.
     pub held_until: Option<Millis>,
+    pub breaker: Breaker,
 }
 
 impl LaneState {
     /// The lane after a batch of its attempts was recorded at `now`: the
     /// streak moves on; a paced lane pauses (parked until the pause ends),
     /// any other is due now unless it is already, since a slot came free.
-    pub fn recorded(self, batch: Batch, now: Millis) -> Self {
+    pub fn recorded(self, batch: Batch, now: Millis, policy: &BreakerPolicy) -> Self {
         let streak = batch.applied_to(self.streak);
-        let held_until = self.held_until.max(batch.throttled_until);
+        let probe_due = self.held_until.is_none_or(|held| held <= now);
+        let (breaker, armed) = self.breaker.recorded(&batch, now, probe_due, policy);
+        let probe_at = armed.then_some(now + breaker.probe_ms);
+        let held_until = self.held_until.max(batch.throttled_until).max(probe_at);
         let held = Self { held_until, ..self };
         if let Some(pause) = pause(streak) {
             return Self {
@@ -145,6 +165,7 @@ impl LaneState {
                 parked: true,
                 streak,
                 held_until,
+                breaker,
             };
         }
         let next_due_at = match self.next_due_at {
@@ -156,6 +177,7 @@ impl LaneState {
             parked: false,
             streak,
             held_until,
+            breaker,
         }
     }
 
@@ -172,6 +194,150 @@ impl LaneState {
     /// hold ends.
     pub fn not_before(&self, at: Millis) -> Millis {
         self.held_until.map_or(at, |held| held.max(at))
+    }
+}
+
+/// When an endpoint's circuit breaker opens, and how it probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    /// The share of failed attempts, in percent, that opens it ...
+    pub failure_percent: i64,
+    /// ... of at least this many attempts ...
+    pub min_attempts: i64,
+    /// ... within a window this long.
+    pub window_ms: Millis,
+    /// How long after opening it sends its first probe; each failed probe
+    /// doubles the wait, up to [`LONGEST_PROBE_MS`].
+    pub first_probe_ms: Millis,
+}
+
+/// The longest an open breaker waits between two probes.
+pub const LONGEST_PROBE_MS: Millis = 300_000;
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        Self {
+            failure_percent: 70,
+            min_attempts: 10,
+            window_ms: 300_000,
+            first_probe_ms: 5_000,
+        }
+    }
+}
+
+/// A lane's circuit breaker, built on its hold: an endpoint whose recent
+/// attempts mostly failed ([`BreakerPolicy`]) opens it, and then its lane
+/// is held (its deliveries wait, spending no attempts) until a probe is
+/// due; the claim then lets one attempt through ([`claim_limit`]). A
+/// probe that succeeds closes the breaker; one that fails holds the lane
+/// again, twice as long. Attempts are counted in windows of the policy's
+/// length, each starting with the first attempt after the last ended.
+/// Throttling answers ([`throttle`]) and skips are not counted: they hold
+/// or leave the lane on their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Breaker {
+    /// Since when it is open; `None`: closed.
+    pub open_since: Option<Millis>,
+    /// The wait before the next probe while open.
+    pub probe_ms: Millis,
+    pub window_start: Millis,
+    pub window_attempts: i64,
+    pub window_failures: i64,
+}
+
+/// What a breaker shows: `closed`, `open` (holding its lane until the next
+/// probe) or `half_open` (a probe may go, or is on its way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
+impl Breaker {
+    /// The breaker after a batch of its lane's attempts at `now`, and
+    /// whether it holds its lane from now until its next probe: when it
+    /// opens, and when a probe fails. `probe_due`: the lane's hold had
+    /// ended, so a failure is a probe's, not one of the attempts that were
+    /// in flight when it opened (those leave it as it is).
+    pub fn recorded(
+        self,
+        batch: &Batch,
+        now: Millis,
+        probe_due: bool,
+        policy: &BreakerPolicy,
+    ) -> (Self, bool) {
+        let (successes, failures) = (batch.successes, batch.failures);
+        if successes + failures == 0 {
+            return (self, false);
+        }
+        if self.open_since.is_some() {
+            return match (successes > 0, probe_due) {
+                (true, _) => (Self::closed_at(now), false),
+                (false, true) => {
+                    let probe_ms = (self.probe_ms * 2).clamp(1, LONGEST_PROBE_MS);
+                    (Self { probe_ms, ..self }, true)
+                }
+                (false, false) => (self, false),
+            };
+        }
+        let mut next = if now - self.window_start >= policy.window_ms {
+            Self::closed_at(now)
+        } else {
+            self
+        };
+        next.window_attempts += successes + failures;
+        next.window_failures += failures;
+        let opens = next.window_attempts >= policy.min_attempts
+            && next.window_failures * 100 >= policy.failure_percent * next.window_attempts;
+        if opens {
+            next.open_since = Some(now);
+            next.probe_ms = policy.first_probe_ms.clamp(1, LONGEST_PROBE_MS);
+        }
+        (next, opens)
+    }
+
+    fn closed_at(now: Millis) -> Self {
+        Self {
+            window_start: now,
+            ..Self::default()
+        }
+    }
+
+    /// What it shows at `now`, for a lane held until `held_until`.
+    pub fn state(&self, held_until: Option<Millis>, now: Millis) -> BreakerState {
+        match self.open_since {
+            None => BreakerState::Closed,
+            Some(_) if held_until.is_some_and(|held| held > now) => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+        }
+    }
+
+    /// The share of the current window's attempts that failed, if any were
+    /// made.
+    pub fn failure_rate(&self) -> Option<f64> {
+        (self.window_attempts > 0)
+            .then(|| self.window_failures as f64 / self.window_attempts as f64)
+    }
+}
+
+/// Attempts in flight allowed at once to a lane: [`in_flight`], or one
+/// (the probe) while its breaker is open.
+pub fn claim_limit(streak: i64, limit: i64, breaker_open: bool) -> i64 {
+    if breaker_open {
+        1
+    } else {
+        in_flight(streak, limit)
     }
 }
 
@@ -318,11 +484,24 @@ pub struct Batch {
     pub trailing: i64,
     pub broken: bool,
     pub throttled_until: Option<Millis>,
+    /// Attempts that succeeded, and that failed other than by throttling,
+    /// for the [`Breaker`].
+    pub successes: i64,
+    pub failures: i64,
 }
 
 impl Batch {
     fn add(&mut self, record: &AttemptRecord) {
         self.throttled_until = self.throttled_until.max(record.throttled_until);
+        match &record.webhook {
+            WebhookEffect::Healthy => self.successes += 1,
+            WebhookEffect::Failing { .. } | WebhookEffect::Disable { .. }
+                if record.throttled_until.is_none() =>
+            {
+                self.failures += 1
+            }
+            _ => {}
+        }
         self.step(&record.webhook);
     }
 
@@ -454,6 +633,7 @@ mod tests {
             parked,
             streak,
             held_until: None,
+            breaker: Breaker::default(),
         }
     }
 
@@ -465,11 +645,15 @@ mod tests {
             lane(Some(NOW + 200), false, 2),
             lane(Some(NOW + 30_000), true, 2),
         ] {
-            assert_eq!(before.recorded(batch(&[1]), NOW), due_now, "{before:?}");
+            assert_eq!(
+                before.recorded(batch(&[1]), NOW, &BreakerPolicy::default()),
+                due_now,
+                "{before:?}"
+            );
         }
         let due_earlier = lane(Some(NOW - 5), false, 2);
         assert_eq!(
-            due_earlier.recorded(batch(&[1]), NOW),
+            due_earlier.recorded(batch(&[1]), NOW, &BreakerPolicy::default()),
             lane(Some(NOW - 5), false, 3),
             "a lane already due keeps its place"
         );
@@ -479,17 +663,17 @@ mod tests {
     fn a_record_that_leaves_the_lane_paced_pauses_it() {
         let before = lane(Some(NOW - 5), false, 1 - PACE_AFTER_FAILURES);
         assert_eq!(
-            before.recorded(batch(&[-1]), NOW),
+            before.recorded(batch(&[-1]), NOW, &BreakerPolicy::default()),
             lane(Some(NOW + FIRST_PAUSE_MS), true, -PACE_AFTER_FAILURES)
         );
         let paced = lane(Some(NOW + 9), true, -PACE_AFTER_FAILURES - 2);
         assert_eq!(
-            paced.recorded(batch(&[1]), NOW),
+            paced.recorded(batch(&[1]), NOW, &BreakerPolicy::default()),
             lane(Some(NOW), false, 1),
             "one success lifts the pause"
         );
         assert_eq!(
-            paced.recorded(batch(&[0]), NOW),
+            paced.recorded(batch(&[0]), NOW, &BreakerPolicy::default()),
             lane(
                 Some(NOW + FIRST_PAUSE_MS * 4),
                 true,
@@ -528,13 +712,19 @@ mod tests {
             ..held
         };
         assert!(!woken.wakeable(NOW), "due as early as it may be already");
-        assert_eq!(held.recorded(batch(&[1]), NOW).next_due_at, Some(NOW + 70));
+        assert_eq!(
+            held.recorded(batch(&[1]), NOW, &BreakerPolicy::default())
+                .next_due_at,
+            Some(NOW + 70)
+        );
         let paused = LaneState {
             held_until: Some(NOW + 70),
             ..lane(Some(NOW - 1), false, -PACE_AFTER_FAILURES)
         };
         assert_eq!(
-            paused.recorded(batch(&[-1]), NOW).next_due_at,
+            paused
+                .recorded(batch(&[-1]), NOW, &BreakerPolicy::default())
+                .next_due_at,
             Some(NOW + 70),
             "the pause ends before the hold"
         );
@@ -613,11 +803,79 @@ mod tests {
             throttled_until: Some(NOW + 2_000),
             ..batch(&[-1])
         };
-        let after = lane(Some(NOW - 3), false, 4).recorded(throttled, NOW);
+        let after =
+            lane(Some(NOW - 3), false, 4).recorded(throttled, NOW, &BreakerPolicy::default());
         assert_eq!(
             (after.next_due_at, after.held_until, after.streak),
             (Some(NOW + 2_000), Some(NOW + 2_000), -1),
             "held, and back to two in flight"
         );
+    }
+
+    fn outcomes(successes: i64, failures: i64) -> Batch {
+        Batch {
+            successes,
+            failures,
+            trailing: if failures > 0 { -failures } else { successes },
+            ..Batch::default()
+        }
+    }
+
+    #[test]
+    fn a_breaker_opens_on_mostly_failing_attempts_probes_and_closes() {
+        let policy = BreakerPolicy {
+            first_probe_ms: 500,
+            ..BreakerPolicy::default()
+        };
+        let mut lane = lane(Some(NOW), false, 0);
+        lane = lane.recorded(outcomes(3, 0), NOW, &policy);
+        lane = lane.recorded(outcomes(0, 6), NOW + 1, &policy);
+        assert_eq!(lane.breaker.open_since, None, "9 attempts are too few");
+        lane = lane.recorded(outcomes(0, 1), NOW + 2, &policy);
+        assert_eq!(lane.breaker.open_since, Some(NOW + 2), "7 of 10 failed");
+        assert_eq!(lane.held_until, Some(NOW + 502));
+        assert_eq!(lane.next_due_at, Some(NOW + 502), "its deliveries wait");
+        assert_eq!(
+            lane.breaker.state(lane.held_until, NOW + 3),
+            BreakerState::Open
+        );
+        assert_eq!(claim_limit(lane.streak, 32, true), 1);
+
+        // Attempts that were in flight when it opened do not push the probe.
+        let straggler = lane.recorded(outcomes(0, 3), NOW + 10, &policy);
+        assert_eq!(straggler.held_until, Some(NOW + 502));
+        assert_eq!(straggler.breaker.probe_ms, 500);
+
+        // The probe fails: held twice as long.
+        let failed = straggler.recorded(outcomes(0, 1), NOW + 600, &policy);
+        assert_eq!(
+            failed.breaker.state(failed.held_until, NOW + 600),
+            BreakerState::Open
+        );
+        assert_eq!(failed.held_until, Some(NOW + 1_600));
+        // The next probe succeeds: closed, counting afresh.
+        assert_eq!(
+            failed.breaker.state(failed.held_until, NOW + 1_600),
+            BreakerState::HalfOpen
+        );
+        let closed = failed.recorded(outcomes(1, 0), NOW + 1_700, &policy);
+        assert_eq!(closed.breaker.open_since, None);
+        assert_eq!(closed.breaker.failure_rate(), None);
+        assert_eq!(closed.next_due_at, Some(NOW + 1_700));
+    }
+
+    #[test]
+    fn a_breaker_counts_each_window_afresh() {
+        let policy = BreakerPolicy::default();
+        let mut lane = lane(Some(NOW), false, 0);
+        lane = lane.recorded(outcomes(0, 9), NOW, &policy);
+        lane = lane.recorded(outcomes(0, 9), NOW + policy.window_ms, &policy);
+        assert_eq!(lane.breaker.open_since, None, "9 and 9, in two windows");
+        assert_eq!(lane.breaker.failure_rate(), Some(1.0));
+        let throttled = Batch {
+            throttled_until: Some(NOW + 5),
+            ..Batch::default()
+        };
+        assert_eq!(throttled.successes + throttled.failures, 0);
     }
 }

@@ -216,6 +216,10 @@ pub struct QueueStats {
     pub in_flight: u64,
     /// The earliest due time among pending deliveries.
     pub oldest_due_at: Option<Millis>,
+    /// Webhooks whose breaker is open and holds their lane.
+    pub breakers_open: u64,
+    /// Webhooks whose breaker is open with a probe due or on its way.
+    pub breakers_half_open: u64,
 }
 
 /// What a worker asks of a claim.

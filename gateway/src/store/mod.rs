@@ -25,6 +25,7 @@ pub use sqlite::SqliteStore;
 use std::sync::Arc;
 
 use crate::clock::Millis;
+use crate::domain::lane::{BreakerPolicy, LaneState};
 use crate::domain::{
     App, AppId, Attempt, AttemptRecord, ClaimRequest, ClaimedDelivery, Delivery, DeliveryId,
     DeliveryStatus, Event, EventId, HeldClaim, KeyId, NewEvent, NewPlugin, PageRequest, Plugin,
@@ -44,11 +45,16 @@ pub struct StoreOptions {
     /// Connections to a PostgreSQL server (SQLite has one writer and a
     /// small reader pool of its own).
     pub pool_size: u32,
+    /// When a lane's breaker opens (decided as attempts are recorded).
+    pub breaker: BreakerPolicy,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { pool_size: 16 }
+        Self {
+            pool_size: 16,
+            breaker: BreakerPolicy::default(),
+        }
     }
 }
 
@@ -103,19 +109,22 @@ impl Store {
     /// Opens the database the URL names and applies pending migrations.
     pub async fn open(database_url: &str, options: &StoreOptions) -> StoreResult<Self> {
         Ok(match backend_of(database_url)? {
-            Backend::Sqlite => Self::Sqlite(SqliteStore::open(database_url).await?),
-            Backend::Postgres => {
-                Self::Postgres(PostgresStore::open(database_url, options.pool_size).await?)
+            Backend::Sqlite => {
+                Self::Sqlite(SqliteStore::open(database_url, options.breaker).await?)
             }
+            Backend::Postgres => Self::Postgres(
+                PostgresStore::open(database_url, options.pool_size, options.breaker).await?,
+            ),
         })
     }
 
     /// Applies pending migrations and returns.
     pub async fn migrate(database_url: &str) -> StoreResult<()> {
-        Self::open(database_url, &StoreOptions { pool_size: 1 })
-            .await?
-            .close()
-            .await;
+        let options = StoreOptions {
+            pool_size: 1,
+            ..StoreOptions::default()
+        };
+        Self::open(database_url, &options).await?.close().await;
         Ok(())
     }
 
@@ -236,6 +245,8 @@ delegate! {
     /// pause, a rate limit's next delivery), so an idle worker claims then
     /// rather than at its next poll.
     fn next_due_at(&self, now: Millis) -> StoreResult<Option<Millis>>;
+    /// The lanes of these webhooks (those that exist), for their breakers.
+    fn lanes(&self, webhooks: &[WebhookId]) -> StoreResult<Vec<(WebhookId, LaneState)>>;
     /// The queue's shape at `now`, for metrics.
     fn queue_stats(&self, now: Millis) -> StoreResult<QueueStats>;
     /// Deletes up to `limit` events created before `cutoff`, with their

@@ -4,12 +4,16 @@
 //! (statuses, outcomes, filters, headers) on the way.
 
 use super::{StoreError, StoreResult};
+use crate::domain::lane::{Breaker, LaneState};
 use crate::domain::{
     App, AttachedPlugin, Attempt, AttemptOutcome, ClaimedDelivery, ClaimedPlugin, CustomHeaders,
     Delivery, DeliveryStatus, Event, EventTypeFilter, InFlightLimit, Plugin, PluginCode,
     PluginFailure, RateLimit, Webhook, WebhookId,
 };
 
+/// A lane's state, as [`lane_state`] reads it.
+pub(super) const LANE_COLUMNS: &str = "webhook_id, next_due_at, parked, streak, held_until, \
+     breaker_open_since, probe_ms, window_start, window_attempts, window_failures";
 pub(super) const APP_COLUMNS: &str = "id, uid, name, created_at, updated_at";
 pub(super) const WEBHOOK_COLUMNS: &str = "id, app_id, url, description, event_types, enabled, \
      disabled_reason, headers, raw_payload, secret, previous_secret, previous_secret_expires_at, \
@@ -151,6 +155,24 @@ pub(super) fn webhook(r: &impl ReadRow) -> StoreResult<Webhook> {
         created_at: r.value("created_at")?,
         updated_at: r.value("updated_at")?,
     })
+}
+
+/// A row of [`LANE_COLUMNS`].
+pub(super) fn lane_state(r: &impl ReadRow) -> StoreResult<(WebhookId, LaneState)> {
+    let lane = LaneState {
+        next_due_at: r.value("next_due_at")?,
+        parked: r.value("parked")?,
+        streak: r.value("streak")?,
+        held_until: r.value("held_until")?,
+        breaker: Breaker {
+            open_since: r.value("breaker_open_since")?,
+            probe_ms: r.value("probe_ms")?,
+            window_start: r.value("window_start")?,
+            window_attempts: r.value("window_attempts")?,
+            window_failures: r.value("window_failures")?,
+        },
+    };
+    Ok((r.text("webhook_id")?, lane))
 }
 
 /// A webhook's id and filter, for fan-out.

@@ -19,7 +19,7 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 }
 
 /// `GET /metrics`, without any token.
-async fn scrape(gateway: &TestGateway) -> String {
+pub async fn scrape(gateway: &TestGateway) -> String {
     let response = gateway
         .client
         .get(format!("{}/metrics", gateway.base_url))

@@ -175,3 +175,81 @@ async fn a_throttling_answer_holds_the_whole_endpoint() {
         "two in flight after a throttle"
     );
 }
+
+/// An endpoint whose attempts all fail opens its breaker: its deliveries
+/// then wait without spending attempts, one probe goes out at growing
+/// intervals, and the first that succeeds closes it; the state is on the
+/// webhook and in the metrics throughout.
+#[tokio::test]
+async fn the_breaker_opens_probes_and_closes() {
+    let gateway = GatewayBuilder::default()
+        .env(
+            "WASMHOOK_RETRY_SCHEDULE",
+            "100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms",
+        )
+        .env("WASMHOOK_BREAKER_MIN_ATTEMPTS", "10")
+        .env("WASMHOOK_BREAKER_FIRST_PROBE", "700ms")
+        .spawn()
+        .await;
+    let world = World::with(gateway).await;
+    world.receiver.always(Reply::status(500));
+    let (id, _) = world.webhook("/down", json!({})).await;
+    let (status, fresh) = world
+        .gateway
+        .get(&world.path(&format!("/webhooks/{id}")))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(fresh["breaker"]["state"], "closed");
+    for n in 0..30 {
+        world.publish("order.created", json!({"n": n})).await;
+    }
+
+    let path = world.path(&format!("/webhooks/{id}"));
+    let open = world
+        .gateway
+        .poll(&path, PATIENCE, |w| w["breaker"]["state"] == "open")
+        .await;
+    let sent_when_opened = world.receiver.count();
+    assert!(open["breaker"]["since"].is_string(), "{open}");
+    assert!(
+        open["breaker"]["failure_rate"].as_f64().unwrap() >= 0.7,
+        "{open}"
+    );
+    assert!(
+        crate::operations::scrape(&world.gateway)
+            .await
+            .contains("wasmhook_breakers{state=\"open\"} 1")
+    );
+
+    // Probes 0.7 s, then 1.4 s apart: at most two in 1.8 s (and an attempt
+    // that was in flight as it opened), where 30 deliveries retrying every
+    // 100 ms would have made dozens.
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    let probes = world.receiver.count() - sent_when_opened;
+    assert!((1..=3).contains(&probes), "{probes} requests while open");
+
+    world.receiver.always(Reply::status(200));
+    let closed = world
+        .gateway
+        .poll(&path, PATIENCE, |w| w["breaker"]["state"] == "closed")
+        .await;
+    assert_eq!(closed["breaker"]["since"], serde_json::Value::Null);
+    let workspace = &world.gateway.workspace;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while workspace
+        .count("SELECT count(*) FROM deliveries WHERE status <> 'succeeded'")
+        .await
+        > 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "deliveries left after the breaker closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = crate::operations::scrape(&world.gateway).await;
+    assert!(
+        metrics.contains("wasmhook_breakers{state=\"open\"} 0"),
+        "{metrics}"
+    );
+}

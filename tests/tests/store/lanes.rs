@@ -11,9 +11,18 @@ use wasmhook::domain::{
     Webhook, WebhookEffect,
 };
 
-use wasmhook::domain::lane::{self, PACE_AFTER_FAILURES};
+use wasmhook::domain::lane::{self, BreakerPolicy, BreakerState, PACE_AFTER_FAILURES};
 
 use crate::{Fixture, LEASE, fields, succeeded};
+
+/// Pacing alone: a breaker that never opens, so only the pauses hold a
+/// failing lane.
+fn pacing_only() -> BreakerPolicy {
+    BreakerPolicy {
+        min_attempts: i64::MAX,
+        ..BreakerPolicy::default()
+    }
+}
 
 async fn limited(f: &Fixture, app: &App, name: &str, max: u64) -> Webhook {
     let mut settings = fields(&format!("https://example.com/{name}"));
@@ -263,7 +272,7 @@ async fn a_webhook_starts_with_two_in_flight_and_doubles_with_each_success() {
 
 #[tokio::test]
 async fn a_webhook_that_keeps_failing_is_paced_until_its_first_success() {
-    let f = Fixture::new().await;
+    let f = Fixture::with_breaker(pacing_only()).await;
     let app = f.app("A").await;
     let failing = limited(&f, &app, "failing", 10).await;
     queue(&f, &app, "failing", 40).await;
@@ -291,7 +300,7 @@ async fn a_webhook_that_keeps_failing_is_paced_until_its_first_success() {
 
 #[tokio::test]
 async fn a_paced_webhook_does_not_hold_up_the_others() {
-    let f = Fixture::new().await;
+    let f = Fixture::with_breaker(pacing_only()).await;
     let app = f.app("A").await;
     let failing = limited(&f, &app, "failing", 10).await;
     let healthy = limited(&f, &app, "healthy", 10).await;
@@ -304,4 +313,51 @@ async fn a_paced_webhook_does_not_hold_up_the_others() {
     let claimed = f.claim(100).await;
     assert_eq!(count_of(&claimed, &healthy), 2);
     assert_eq!(count_of(&claimed, &failing), 0, "paused");
+}
+
+#[tokio::test]
+async fn a_failing_lane_opens_its_breaker_and_holds_its_deliveries_until_a_probe() {
+    let f = Fixture::with_breaker(BreakerPolicy {
+        min_attempts: 4,
+        first_probe_ms: 1_000,
+        ..BreakerPolicy::default()
+    })
+    .await;
+    let app = f.app("A").await;
+    let webhook = limited(&f, &app, "down", 10).await;
+    queue(&f, &app, "down", 10).await;
+    for _ in 0..2 {
+        let claimed = f.claim(100).await;
+        assert_eq!(claimed.len(), 2, "two in flight without a success");
+        let failures = claimed.iter().map(failed).collect();
+        f.store.record_attempts(Arc::new(failures)).await.unwrap();
+    }
+    let lanes = f
+        .store
+        .lanes(std::slice::from_ref(&webhook.id))
+        .await
+        .unwrap();
+    let (_, lane) = &lanes[0];
+    assert!(lane.breaker.open_since.is_some(), "4 of 4 failed: {lane:?}");
+    assert_eq!(
+        lane.breaker.state(lane.held_until, now_ms()),
+        BreakerState::Open
+    );
+    assert!(f.claim(100).await.is_empty(), "its 6 other deliveries wait");
+
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    let probe = f.claim(100).await;
+    assert_eq!(probe.len(), 1, "one probe");
+    assert!(f.claim(100).await.is_empty(), "nothing beside the probe");
+    f.store
+        .record_attempts(Arc::new(vec![succeeded(&probe[0])]))
+        .await
+        .unwrap();
+    let lanes = f
+        .store
+        .lanes(std::slice::from_ref(&webhook.id))
+        .await
+        .unwrap();
+    assert_eq!(lanes[0].1.breaker.open_since, None, "closed by the probe");
+    assert_eq!(f.claim(100).await.len(), 4, "flowing again, doubling");
 }

@@ -15,6 +15,7 @@ mod worker;
 use std::time::Duration;
 
 use wasmhook::clock::now_ms;
+use wasmhook::domain::lane::BreakerPolicy;
 use wasmhook::domain::{
     App, AttachedPlugin, AttemptOutcome, AttemptRecord, AttemptRow, ClaimRequest, ClaimedDelivery,
     CustomHeaders, Delivery, EventId, EventType, EventTypeFilter, InFlightLimit, NewEvent,
@@ -31,8 +32,17 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn new() -> Self {
+        Self::with_breaker(BreakerPolicy::default()).await
+    }
+
+    /// A store whose lanes' breakers open as `breaker` says.
+    pub async fn with_breaker(breaker: BreakerPolicy) -> Self {
         let workspace = Workspace::fresh().await;
-        let store = Store::open(&workspace.database_url, &StoreOptions { pool_size: 4 })
+        let options = StoreOptions {
+            pool_size: 4,
+            breaker,
+        };
+        let store = Store::open(&workspace.database_url, &options)
             .await
             .expect("store opens");
         Self { store, workspace }

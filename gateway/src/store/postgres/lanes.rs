@@ -13,10 +13,10 @@ use sqlx::PgConnection;
 use sqlx::postgres::PgRow;
 
 use crate::clock::{Millis, millis};
-use crate::domain::lane::{self, Batch, Gcra, LaneState};
+use crate::domain::lane::{self, Batch, BreakerPolicy, Gcra, LaneState};
 use crate::domain::{AttemptRecord, ClaimRequest, ClaimToken};
 use crate::store::StoreResult;
-use crate::store::rows::{CLAIMED_COLUMNS, CLAIMED_JOINS, stored_rate};
+use crate::store::rows::{CLAIMED_COLUMNS, CLAIMED_JOINS, LANE_COLUMNS, lane_state, stored_rate};
 
 /// How soon a lane is looked at again after a claim that left it with
 /// room and nothing more it could see. A claim reads the queue as it was
@@ -104,7 +104,7 @@ pub const NEXT_DUE: &str = "SELECT MIN(next_due_at) FROM webhook_lanes WHERE nex
 /// first, locked, with what decides their limits: (now, most lanes,
 /// default limit).
 pub const DUE: &str = "SELECT l.webhook_id, l.streak, COALESCE(w.max_in_flight, $3), \
-     w.rate_limit, w.rate_limit_burst, l.rate_tat \
+     w.rate_limit, w.rate_limit_burst, l.rate_tat, l.breaker_open_since IS NOT NULL \
      FROM webhook_lanes l JOIN webhooks w ON w.id = l.webhook_id \
      WHERE l.next_due_at IS NOT NULL AND l.next_due_at <= $1 \
      ORDER BY l.next_due_at LIMIT $2 FOR UPDATE OF l SKIP LOCKED";
@@ -177,15 +177,31 @@ pub const CLAIM: &str = "WITH lanes AS ( \
 
 /// record: the lanes of a batch, locked in webhook order (invariant 4),
 /// as the claim holding any of them left it: (webhooks).
-pub const LOCK: &str = "SELECT webhook_id, next_due_at, parked, streak, held_until FROM webhook_lanes \
-     WHERE webhook_id = ANY($1) ORDER BY webhook_id FOR NO KEY UPDATE";
+pub static LOCK: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {LANE_COLUMNS} FROM webhook_lanes \
+         WHERE webhook_id = ANY($1) ORDER BY webhook_id FOR NO KEY UPDATE"
+    )
+});
 /// record: the lanes as [`LaneState::recorded`] decided: (webhooks, next
-/// due, parked, streak).
+/// due, parked, streak, hold, and their breakers' open since, probe wait,
+/// window start, attempts and failures).
 pub const WRITE: &str = "UPDATE webhook_lanes l SET next_due_at = w.next_due_at, parked = w.parked, \
-     streak = w.streak, held_until = w.held_until \
-     FROM UNNEST($1::text[], $2::bigint[], $3::boolean[], $4::bigint[], $5::bigint[]) \
-          AS w(webhook_id, next_due_at, parked, streak, held_until) \
+     streak = w.streak, held_until = w.held_until, breaker_open_since = w.open_since, probe_ms = w.probe_ms, \
+     window_start = w.window_start, window_attempts = w.attempts, window_failures = w.failures \
+     FROM UNNEST($1::text[], $2::bigint[], $3::boolean[], $4::bigint[], $5::bigint[], $6::bigint[], \
+                 $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[]) \
+          AS w(webhook_id, next_due_at, parked, streak, held_until, open_since, probe_ms, window_start, \
+               attempts, failures) \
      WHERE l.webhook_id = w.webhook_id";
+/// The breakers of some webhooks' lanes, for the API: (webhooks).
+pub static BREAKERS: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {LANE_COLUMNS} FROM webhook_lanes WHERE webhook_id = ANY($1)")
+});
+/// How many lanes' breakers are open, and of those how many are held
+/// until a probe: (now).
+pub const OPEN_BREAKERS: &str = "SELECT count(*), count(*) FILTER (WHERE held_until > $1) \
+     FROM webhook_lanes WHERE breaker_open_since IS NOT NULL";
 
 /// raise limit: slots of these lanes came free: (now, webhooks). Every
 /// lane is written whatever its state, so the write waits for a claim
@@ -249,15 +265,10 @@ pub async fn claim(
         return Ok(Vec::new());
     }
     let mut lanes = DueLanes::default();
-    for (webhook, streak, limit, per_second, burst, tat) in rows {
+    for (webhook, streak, limit, per_second, burst, tat, breaker_open) in rows {
         let rate = per_second.map(|n| stored_rate(n, burst)).transpose()?;
-        lanes.push(
-            webhook,
-            lane::in_flight(streak, limit),
-            rate.map(Gcra::new),
-            tat,
-            now,
-        );
+        let in_flight = lane::claim_limit(streak, limit, breaker_open);
+        lanes.push(webhook, in_flight, rate.map(Gcra::new), tat, now);
     }
     let sql = format!("{CLAIM} SELECT {CLAIMED_COLUMNS} FROM claimed d {CLAIMED_JOINS}");
     Ok(sqlx::query(&sql)
@@ -277,10 +288,16 @@ pub async fn claim(
 }
 
 /// A row of [`DUE`]: webhook, streak, in-flight limit, rate limit, burst,
-/// rate state.
-type DueRow = (String, i64, i64, Option<i64>, Option<i64>, Option<i64>);
-/// A row of [`LOCK`]: webhook, next due, parked, streak, hold.
-type LockedRow = (String, Option<Millis>, bool, i64, Option<Millis>);
+/// rate state, breaker open.
+type DueRow = (
+    String,
+    i64,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    bool,
+);
 
 /// The locked due lanes, column by column, with what was decided for
 /// each: its in-flight limit and, if rate-limited, its [`Gcra`] allowance.
@@ -324,6 +341,7 @@ pub async fn record<'a>(
     c: &mut PgConnection,
     applied: impl IntoIterator<Item = &'a AttemptRecord>,
     now: Millis,
+    policy: &BreakerPolicy,
 ) -> StoreResult<()> {
     let batches = lane::batches(applied);
     if batches.is_empty() {
@@ -331,24 +349,19 @@ pub async fn record<'a>(
     }
     let batches: HashMap<&str, Batch> = batches.into_iter().map(|(w, b)| (w.as_str(), b)).collect();
     let webhooks: Vec<&str> = batches.keys().copied().collect();
-    let rows: Vec<LockedRow> = sqlx::query_as(LOCK)
+    let rows = sqlx::query(&LOCK)
         .bind(&webhooks)
         .fetch_all(&mut *c)
         .await?;
     let mut written = LaneColumns::default();
-    for (webhook, next_due_at, parked, streak, held_until) in rows {
-        let before = LaneState {
-            next_due_at,
-            parked,
-            streak,
-            held_until,
-        };
+    for row in &rows {
+        let (webhook, before) = lane_state(row)?;
         let Some(&batch) = batches.get(webhook.as_str()) else {
             continue;
         };
-        let after = before.recorded(batch, now);
+        let after = before.recorded(batch, now, policy);
         if after != before {
-            written.push(webhook, after);
+            written.push(webhook.into(), after);
         }
     }
     if written.webhooks.is_empty() {
@@ -360,6 +373,11 @@ pub async fn record<'a>(
         .bind(written.parked)
         .bind(written.streak)
         .bind(written.held_until)
+        .bind(written.open_since)
+        .bind(written.probe_ms)
+        .bind(written.window_start)
+        .bind(written.window_attempts)
+        .bind(written.window_failures)
         .execute(&mut *c)
         .await?;
     Ok(())
@@ -373,6 +391,11 @@ struct LaneColumns {
     parked: Vec<bool>,
     streak: Vec<i64>,
     held_until: Vec<Option<Millis>>,
+    open_since: Vec<Option<Millis>>,
+    probe_ms: Vec<Millis>,
+    window_start: Vec<Millis>,
+    window_attempts: Vec<i64>,
+    window_failures: Vec<i64>,
 }
 
 impl LaneColumns {
@@ -382,5 +405,11 @@ impl LaneColumns {
         self.parked.push(lane.parked);
         self.streak.push(lane.streak);
         self.held_until.push(lane.held_until);
+        let breaker = lane.breaker;
+        self.open_since.push(breaker.open_since);
+        self.probe_ms.push(breaker.probe_ms);
+        self.window_start.push(breaker.window_start);
+        self.window_attempts.push(breaker.window_attempts);
+        self.window_failures.push(breaker.window_failures);
     }
 }

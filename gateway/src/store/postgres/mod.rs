@@ -20,6 +20,7 @@ use super::rows::{self, *};
 use super::rules::{self, KeySeen};
 use super::{StoreError, StoreResult, found};
 use crate::clock::{Millis, now_ms};
+use crate::domain::lane::{BreakerPolicy, LaneState};
 use crate::domain::{
     App, AppId, Attempt, AttemptId, AttemptRecord, AttemptRow, ClaimRequest, ClaimedDelivery,
     Delivery, DeliveryId, DeliveryStatus, Event, EventId, HeldClaim, KeyId, NewEvent, NewPlugin,
@@ -72,6 +73,7 @@ pub struct PostgresStore {
     /// at-least-once delivery allows. Events and everything else a caller
     /// is told was stored go through `pool`, flushed before the answer.
     queue: PgPool,
+    breaker: BreakerPolicy,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -82,7 +84,11 @@ impl std::fmt::Debug for PostgresStore {
 
 impl PostgresStore {
     /// Connects (at most `pool_size` connections) and applies migrations.
-    pub async fn open(database_url: &str, pool_size: u32) -> StoreResult<Self> {
+    pub async fn open(
+        database_url: &str,
+        pool_size: u32,
+        breaker: BreakerPolicy,
+    ) -> StoreResult<Self> {
         let options: PgConnectOptions = database_url
             .parse()
             .map_err(|e| StoreError::Open(format!("bad PostgreSQL URL: {e}")))?;
@@ -99,7 +105,11 @@ impl PostgresStore {
             .max_connections(QUEUE_POOL_SIZE.min(pool_size.max(1)))
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy_with(options.options(QUEUE_SESSION));
-        Ok(Self { pool, queue })
+        Ok(Self {
+            pool,
+            queue,
+            breaker,
+        })
     }
 
     pub async fn close(&self) {
@@ -654,7 +664,7 @@ impl PostgresStore {
             .filter(|r| current.contains(r.delivery_id.as_str()))
             .collect();
         insert_attempts(&mut tx, &current).await?;
-        lanes::record(&mut tx, current.iter().copied(), now_ms()).await?;
+        lanes::record(&mut tx, current.iter().copied(), now_ms(), &self.breaker).await?;
         let healthy: Vec<&str> = current
             .iter()
             .filter(|r| r.webhook == WebhookEffect::Healthy)
@@ -697,6 +707,15 @@ impl PostgresStore {
             .await?)
     }
 
+    pub async fn lanes(&self, webhooks: &[WebhookId]) -> StoreResult<Vec<(WebhookId, LaneState)>> {
+        let ids: Vec<&str> = webhooks.iter().map(WebhookId::as_str).collect();
+        let rows = sqlx::query(&lanes::BREAKERS)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+        map_rows(&rows, rows::lane_state)
+    }
+
     pub async fn wake_stranded_lanes(&self) -> StoreResult<u64> {
         let woken = sqlx::query(&lanes::SWEEP)
             .bind(now_ms())
@@ -716,11 +735,17 @@ impl PostgresStore {
         .bind(now)
         .fetch_one(&self.pool)
         .await?;
+        let (open, held): (i64, i64) = sqlx::query_as(lanes::OPEN_BREAKERS)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(QueueStats {
             pending: row.try_get::<i64, _>(0)? as u64,
             due: row.try_get::<i64, _>(1)? as u64,
             in_flight: row.try_get::<i64, _>(2)? as u64,
             oldest_due_at: row.try_get(3)?,
+            breakers_open: held as u64,
+            breakers_half_open: (open - held) as u64,
         })
     }
 

@@ -6,14 +6,14 @@
 
 use std::sync::LazyLock;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
-use super::collect;
+use super::{collect, first};
 use crate::clock::{Millis, millis};
-use crate::domain::lane::{self, Batch, ClaimEnd, Gcra, LaneState};
+use crate::domain::lane::{self, Batch, BreakerPolicy, ClaimEnd, Gcra};
 use crate::domain::{AttemptRecord, ClaimRequest, ClaimToken, WebhookId};
 use crate::store::StoreResult;
-use crate::store::rows::{ReadRow, stored_rate};
+use crate::store::rows::{LANE_COLUMNS, ReadRow, lane_state, stored_rate};
 
 /// create: a new webhook's lane, idle: (webhook).
 pub const CREATE: &str = "INSERT INTO webhook_lanes (webhook_id) VALUES (?)";
@@ -29,7 +29,7 @@ pub static WAKE: LazyLock<String> = LazyLock::new(|| {
 /// claim: lanes with due work, oldest first, with what decides their
 /// limits: (default limit, now, most lanes).
 pub const DUE: &str = "SELECT l.webhook_id, l.streak, COALESCE(w.max_in_flight, ?1) AS max_in_flight, \
-     w.rate_limit, w.rate_limit_burst, l.rate_tat \
+     w.rate_limit, w.rate_limit_burst, l.rate_tat, l.breaker_open_since IS NOT NULL AS breaker_open \
      FROM webhook_lanes l JOIN webhooks w ON w.id = l.webhook_id \
      WHERE l.next_due_at IS NOT NULL AND l.next_due_at <= ?2 ORDER BY l.next_due_at LIMIT ?3";
 /// The next time a lane becomes due after now: (now).
@@ -58,12 +58,25 @@ pub const NEXT: &str = "UPDATE webhook_lanes SET parked = 0, rate_tat = COALESCE
          COALESCE(?3, 0)) \
      WHERE webhook_id = ?1";
 /// record: the lane as it is: (webhook).
-pub const READ: &str =
-    "SELECT next_due_at, parked, streak, held_until FROM webhook_lanes WHERE webhook_id = ?";
+pub static READ: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {LANE_COLUMNS} FROM webhook_lanes WHERE webhook_id = ?"));
 /// record: the lane as [`LaneState::recorded`] decided: (webhook, next
-/// due, parked, streak, hold).
-pub const WRITE: &str = "UPDATE webhook_lanes SET next_due_at = ?2, parked = ?3, streak = ?4, held_until = ?5 \
+/// due, parked, streak, hold, and its breaker's open since, probe wait,
+/// window start, attempts and failures).
+pub const WRITE: &str = "UPDATE webhook_lanes SET next_due_at = ?2, parked = ?3, streak = ?4, held_until = ?5, \
+     breaker_open_since = ?6, probe_ms = ?7, window_start = ?8, window_attempts = ?9, window_failures = ?10 \
      WHERE webhook_id = ?1";
+/// The breakers of some webhooks' lanes, for the API: (webhooks as a JSON
+/// array).
+pub static BREAKERS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {LANE_COLUMNS} FROM webhook_lanes WHERE webhook_id IN (SELECT value FROM json_each(?1))"
+    )
+});
+/// How many lanes' breakers are open, and of those how many are held
+/// until a probe: (now).
+pub const OPEN_BREAKERS: &str = "SELECT COUNT(*), COALESCE(SUM(held_until > ?1), 0) FROM webhook_lanes \
+     WHERE breaker_open_since IS NOT NULL";
 /// release, raise limit: a slot came free: (now, webhook).
 pub static ROOM: LazyLock<String> = LazyLock::new(|| {
     let now = lane::not_before("?1");
@@ -162,9 +175,10 @@ fn due_lane(r: &rusqlite::Row<'_>) -> StoreResult<DueLane> {
         }
         None => None,
     };
+    let breaker_open: bool = r.value("breaker_open")?;
     Ok(DueLane {
         webhook: r.value("webhook_id")?,
-        in_flight: lane::in_flight(r.value("streak")?, r.value("max_in_flight")?),
+        in_flight: lane::claim_limit(r.value("streak")?, r.value("max_in_flight")?, breaker_open),
         rate,
     })
 }
@@ -176,37 +190,39 @@ pub fn record<'a>(
     c: &Connection,
     applied: impl IntoIterator<Item = &'a AttemptRecord>,
     now: Millis,
+    policy: &BreakerPolicy,
 ) -> StoreResult<()> {
     for (webhook, batch) in lane::batches(applied) {
-        record_lane(c, webhook, batch, now)?;
+        record_lane(c, webhook, batch, now, policy)?;
     }
     Ok(())
 }
 
-fn record_lane(c: &Connection, webhook: &WebhookId, batch: Batch, now: Millis) -> StoreResult<()> {
-    let before = c
-        .prepare_cached(READ)?
-        .query_row([webhook.as_str()], |r| {
-            Ok(LaneState {
-                next_due_at: r.get("next_due_at")?,
-                parked: r.get("parked")?,
-                streak: r.get("streak")?,
-                held_until: r.get("held_until")?,
-            })
-        })
-        .optional()?;
+fn record_lane(
+    c: &Connection,
+    webhook: &WebhookId,
+    batch: Batch,
+    now: Millis,
+    policy: &BreakerPolicy,
+) -> StoreResult<()> {
     // A lane deleted with its webhook since the claim has nothing to write.
-    let Some(before) = before else {
+    let Some((_, before)) = first(c, &READ, [webhook.as_str()], |r| lane_state(r))? else {
         return Ok(());
     };
-    let after = before.recorded(batch, now);
+    let after = before.recorded(batch, now, policy);
     if after != before {
+        let breaker = after.breaker;
         c.prepare_cached(WRITE)?.execute(params![
             webhook.as_str(),
             after.next_due_at,
             after.parked,
             after.streak,
-            after.held_until
+            after.held_until,
+            breaker.open_since,
+            breaker.probe_ms,
+            breaker.window_start,
+            breaker.window_attempts,
+            breaker.window_failures
         ])?;
     }
     Ok(())

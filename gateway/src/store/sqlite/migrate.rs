@@ -13,6 +13,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../../migrations/sqlite/0004_lanes.sql"),
     include_str!("../../../../migrations/sqlite/0005_lane_streaks.sql"),
     include_str!("../../../../migrations/sqlite/0006_rate_limits.sql"),
+    include_str!("../../../../migrations/sqlite/0007_breakers.sql"),
 ];
 
 pub fn run(connection: &mut Connection) -> StoreResult<()> {

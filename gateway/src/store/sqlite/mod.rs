@@ -14,6 +14,7 @@ use super::rows::{self, *};
 use super::rules::{self, KeySeen};
 use super::{StoreError, StoreResult, found};
 use crate::clock::{Millis, now_ms};
+use crate::domain::lane::{BreakerPolicy, LaneState};
 use crate::domain::{
     App, AppId, Attempt, AttemptId, AttemptRecord, ClaimRequest, ClaimedDelivery, Delivery,
     DeliveryId, DeliveryStatus, Event, EventId, HeldClaim, InFlightLimit, KeyId, NewEvent,
@@ -29,6 +30,7 @@ const SUBSCRIBED_SQL: &str =
 pub struct SqliteStore {
     writer: Writer,
     readers: Readers,
+    breaker: BreakerPolicy,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -39,7 +41,7 @@ impl std::fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database and applies migrations.
-    pub async fn open(database_url: &str) -> StoreResult<Self> {
+    pub async fn open(database_url: &str, breaker: BreakerPolicy) -> StoreResult<Self> {
         let path = connection::path_of(database_url)?;
         let path_for_writer = path.clone();
         let writer = tokio::task::spawn_blocking(move || {
@@ -52,6 +54,7 @@ impl SqliteStore {
         Ok(Self {
             writer: Writer::start(writer, &path)?,
             readers: Readers::new(&path),
+            breaker,
         })
     }
 
@@ -561,6 +564,7 @@ impl SqliteStore {
     /// A result whose claim was lost (the lease ran out and another worker
     /// took the delivery) is dropped: the current holder owns it now.
     pub async fn record_attempts(&self, records: Arc<Vec<AttemptRecord>>) -> StoreResult<()> {
+        let breaker = self.breaker;
         self.writer
             .write_with(Durability::Relaxed, move |c| {
                 let mut applied = Vec::with_capacity(records.len());
@@ -569,7 +573,7 @@ impl SqliteStore {
                         applied.push(record);
                     }
                 }
-                lanes::record(c, applied, now_ms())
+                lanes::record(c, applied, now_ms(), &breaker)
             })
             .await
     }
@@ -606,6 +610,14 @@ impl SqliteStore {
             .await
     }
 
+    pub async fn lanes(&self, webhooks: &[WebhookId]) -> StoreResult<Vec<(WebhookId, LaneState)>> {
+        let ids =
+            serde_json::to_string(webhooks).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.readers
+            .read(move |c| collect(c, &lanes::BREAKERS, [&ids], |r| rows::lane_state(r)))
+            .await
+    }
+
     pub async fn wake_stranded_lanes(&self) -> StoreResult<u64> {
         self.writer
             .write_with(Durability::Relaxed, |c| lanes::sweep(c, now_ms()))
@@ -620,12 +632,17 @@ impl SqliteStore {
                      COALESCE(SUM(status = 'sending'), 0), \
                      MIN(CASE WHEN status <> 'sending' THEN due_at END) \
                      FROM deliveries WHERE due_at IS NOT NULL";
+                let (open, held): (i64, i64) = c
+                    .prepare_cached(lanes::OPEN_BREAKERS)?
+                    .query_row([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 let stats = c.prepare_cached(sql)?.query_row([now], |r| {
                     Ok(QueueStats {
                         pending: r.get::<_, i64>(0)? as u64,
                         due: r.get::<_, i64>(1)? as u64,
                         in_flight: r.get::<_, i64>(2)? as u64,
                         oldest_due_at: r.get(3)?,
+                        breakers_open: held as u64,
+                        breakers_half_open: (open - held) as u64,
                     })
                 })?;
                 Ok(stats)
@@ -897,7 +914,12 @@ mod tests {
     async fn store() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("test.db").display());
-        (SqliteStore::open(&url).await.unwrap(), dir)
+        (
+            SqliteStore::open(&url, BreakerPolicy::default())
+                .await
+                .unwrap(),
+            dir,
+        )
     }
 
     /// Every step of a claim walks a partial index in order, never the
@@ -1045,10 +1067,14 @@ mod tests {
     async fn reopening_keeps_data_and_schema() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("test.db").display());
-        let store = SqliteStore::open(&url).await.unwrap();
+        let store = SqliteStore::open(&url, BreakerPolicy::default())
+            .await
+            .unwrap();
         store.create_app("kept", Some("kept")).await.unwrap();
         store.close().await;
-        let store = SqliteStore::open(&url).await.unwrap();
+        let store = SqliteStore::open(&url, BreakerPolicy::default())
+            .await
+            .unwrap();
         assert!(store.find_app("kept").await.unwrap().is_some());
     }
 }

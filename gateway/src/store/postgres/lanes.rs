@@ -16,7 +16,9 @@ use crate::clock::{Millis, millis};
 use crate::domain::lane::{self, Batch, BreakerPolicy, Gcra, LaneState};
 use crate::domain::{AttemptRecord, ClaimRequest, ClaimToken};
 use crate::store::StoreResult;
-use crate::store::rows::{CLAIMED_COLUMNS, CLAIMED_JOINS, LANE_COLUMNS, lane_state, stored_rate};
+use crate::store::rows::{
+    CLAIMED_COLUMNS, CLAIMED_JOINS, LANE_COLUMNS, ReadRow, lane_state, stored_rate,
+};
 
 /// How soon a lane is looked at again after a claim that left it with
 /// room and nothing more it could see. A claim reads the queue as it was
@@ -175,12 +177,15 @@ pub const CLAIM: &str = "WITH lanes AS ( \
          FROM room r LEFT JOIN taken t ON t.webhook_id = r.webhook_id \
          WHERE l.webhook_id = r.webhook_id)";
 
-/// record: the lanes of a batch, locked in webhook order (invariant 4),
-/// as the claim holding any of them left it: (webhooks).
-pub static LOCK: LazyLock<String> = LazyLock::new(|| {
+/// record: the CTE `lanes`, following the CTE `updated` (the recorded
+/// deliveries' ids and webhooks) in the recorder's first statement: their
+/// lanes, locked in webhook order (invariant 4), as the claim holding any
+/// of them left it. Locked in the same statement that writes the
+/// deliveries, it costs the recorder no round trip of its own.
+pub static LOCK_RECORDED: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT {LANE_COLUMNS} FROM webhook_lanes \
-         WHERE webhook_id = ANY($1) ORDER BY webhook_id FOR NO KEY UPDATE"
+        "lanes AS (SELECT {LANE_COLUMNS} FROM webhook_lanes \
+         WHERE webhook_id IN (SELECT webhook_id FROM updated) ORDER BY webhook_id FOR NO KEY UPDATE)"
     )
 });
 /// record: the lanes as [`LaneState::recorded`] decided: (webhooks, next
@@ -332,29 +337,28 @@ impl DueLanes {
 }
 
 /// record: each lane with attempts in `applied` moves on as
-/// [`LaneState::recorded`] decides. The lanes are locked and read first,
-/// whatever their state, so this waits for a claim holding one, which may
-/// have counted these attempts as in flight and parked the lane full, and
-/// then reads the lane as that claim left it; lanes whose state stays as
-/// it was are not written.
+/// [`LaneState::recorded`] decides, from `locked`, the rows of
+/// [`LOCK_RECORDED`] (rows without a lane are passed over). The lanes were
+/// locked and read whatever their state, so the recorder waited for a
+/// claim holding one, which may have counted these attempts as in flight
+/// and parked the lane full, and read the lane as that claim left it;
+/// lanes whose state stays as it was are not written.
 pub async fn record<'a>(
     c: &mut PgConnection,
+    locked: &[PgRow],
     applied: impl IntoIterator<Item = &'a AttemptRecord>,
     now: Millis,
     policy: &BreakerPolicy,
 ) -> StoreResult<()> {
-    let batches = lane::batches(applied);
-    if batches.is_empty() {
-        return Ok(());
-    }
-    let batches: HashMap<&str, Batch> = batches.into_iter().map(|(w, b)| (w.as_str(), b)).collect();
-    let webhooks: Vec<&str> = batches.keys().copied().collect();
-    let rows = sqlx::query(&LOCK)
-        .bind(&webhooks)
-        .fetch_all(&mut *c)
-        .await?;
+    let batches: HashMap<&str, Batch> = lane::batches(applied)
+        .into_iter()
+        .map(|(w, b)| (w.as_str(), b))
+        .collect();
     let mut written = LaneColumns::default();
-    for row in &rows {
+    for row in locked {
+        if row.value::<Option<String>>("webhook_id")?.is_none() {
+            continue;
+        }
         let (webhook, before) = lane_state(row)?;
         let Some(&batch) = batches.get(webhook.as_str()) else {
             continue;

@@ -658,13 +658,20 @@ impl PostgresStore {
     /// A whole batch in a few statements and one transaction.
     pub async fn record_attempts(&self, records: Arc<Vec<AttemptRecord>>) -> StoreResult<()> {
         let mut tx = self.queue.begin().await?;
-        let current = update_deliveries(&mut tx, &records).await?;
+        let (current, locked) = update_deliveries(&mut tx, &records).await?;
         let current: Vec<&AttemptRecord> = records
             .iter()
             .filter(|r| current.contains(r.delivery_id.as_str()))
             .collect();
         insert_attempts(&mut tx, &current).await?;
-        lanes::record(&mut tx, current.iter().copied(), now_ms(), &self.breaker).await?;
+        lanes::record(
+            &mut tx,
+            &locked,
+            current.iter().copied(),
+            now_ms(),
+            &self.breaker,
+        )
+        .await?;
         let healthy: Vec<&str> = current
             .iter()
             .filter(|r| r.webhook == WebhookEffect::Healthy)
@@ -889,36 +896,75 @@ async fn repeat_of(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Option
 }
 
 /// Moves each delivery to its next state, only where the record's claim
-/// still holds (a lost lease means another worker owns it now); returns
-/// the ids that were updated.
+/// still holds (a lost lease means another worker owns it now), and locks
+/// their lanes ([`lanes::LOCK_RECORDED`]); returns the ids that were
+/// updated and the lanes' rows.
+static UPDATE_DELIVERIES_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH updated AS ( \
+             UPDATE deliveries d SET status = r.status, due_at = r.due_at, claim_token = NULL, \
+             attempts = d.attempts + r.attempted, last_attempt_at = COALESCE(r.started_at, d.last_attempt_at), \
+             last_status_code = r.status_code, last_error = r.error, updated_at = r.now, skip_reason = r.skip_reason \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], \
+                         $7::bigint[], $8::text[], $9::bigint[], $10::text[]) \
+                  AS r(id, token, status, due_at, attempted, started_at, status_code, error, now, skip_reason) \
+             WHERE d.id = r.id AND d.claim_token = r.token RETURNING d.id, d.webhook_id), \
+         {} \
+         SELECT u.updated_ids, l.* FROM (SELECT array_agg(id) AS updated_ids FROM updated) u \
+         LEFT JOIN lanes l ON TRUE",
+        *lanes::LOCK_RECORDED
+    )
+});
+
 async fn update_deliveries(
     c: &mut PgConnection,
     records: &[AttemptRecord],
-) -> StoreResult<HashSet<String>> {
+) -> StoreResult<(HashSet<String>, Vec<PgRow>)> {
     let column =
         |f: fn(&AttemptRecord) -> Option<Millis>| records.iter().map(f).collect::<Vec<_>>();
-    let updated: Vec<String> = sqlx::query_scalar(
-        "UPDATE deliveries d SET status = r.status, due_at = r.due_at, claim_token = NULL, \
-         attempts = d.attempts + r.attempted, last_attempt_at = COALESCE(r.started_at, d.last_attempt_at), \
-         last_status_code = r.status_code, last_error = r.error, updated_at = r.now, skip_reason = r.skip_reason \
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], \
-                     $7::bigint[], $8::text[], $9::bigint[], $10::text[]) \
-              AS r(id, token, status, due_at, attempted, started_at, status_code, error, now, skip_reason) \
-         WHERE d.id = r.id AND d.claim_token = r.token RETURNING d.id",
-    )
-    .bind(records.iter().map(|r| r.delivery_id.as_str()).collect::<Vec<_>>())
-    .bind(records.iter().map(|r| r.claim_token.as_str()).collect::<Vec<_>>())
-    .bind(records.iter().map(|r| r.next.status().as_str()).collect::<Vec<_>>())
-    .bind(column(|r| r.next.due_at()))
-    .bind(records.iter().map(|r| i64::from(r.attempt.is_some())).collect::<Vec<_>>())
-    .bind(column(|r| r.attempt.as_ref().map(|a| a.started_at)))
-    .bind(column(|r| r.attempt.as_ref().and_then(|a| a.status_code)))
-    .bind(records.iter().map(|r| r.next.error()).collect::<Vec<_>>())
-    .bind(records.iter().map(|r| r.now).collect::<Vec<_>>())
-    .bind(records.iter().map(|r| r.next.skip_reason()).collect::<Vec<_>>())
-    .fetch_all(&mut *c)
-    .await?;
-    Ok(updated.into_iter().collect())
+    let rows = sqlx::query(&UPDATE_DELIVERIES_SQL)
+        .bind(
+            records
+                .iter()
+                .map(|r| r.delivery_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            records
+                .iter()
+                .map(|r| r.claim_token.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            records
+                .iter()
+                .map(|r| r.next.status().as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|r| r.next.due_at()))
+        .bind(
+            records
+                .iter()
+                .map(|r| i64::from(r.attempt.is_some()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|r| r.attempt.as_ref().map(|a| a.started_at)))
+        .bind(column(|r| r.attempt.as_ref().and_then(|a| a.status_code)))
+        .bind(records.iter().map(|r| r.next.error()).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.now).collect::<Vec<_>>())
+        .bind(
+            records
+                .iter()
+                .map(|r| r.next.skip_reason())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&mut *c)
+        .await?;
+    let updated: Option<Vec<String>> = match rows.first() {
+        Some(row) => row.try_get("updated_ids")?,
+        None => None,
+    };
+    Ok((updated.unwrap_or_default().into_iter().collect(), rows))
 }
 
 async fn insert_attempts(c: &mut PgConnection, records: &[&AttemptRecord]) -> StoreResult<()> {

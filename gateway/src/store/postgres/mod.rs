@@ -658,12 +658,11 @@ impl PostgresStore {
     /// A whole batch in a few statements and one transaction.
     pub async fn record_attempts(&self, records: Arc<Vec<AttemptRecord>>) -> StoreResult<()> {
         let mut tx = self.queue.begin().await?;
-        let (current, locked) = update_deliveries(&mut tx, &records).await?;
+        let (current, locked) = record_deliveries(&mut tx, &records).await?;
         let current: Vec<&AttemptRecord> = records
             .iter()
             .filter(|r| current.contains(r.delivery_id.as_str()))
             .collect();
-        insert_attempts(&mut tx, &current).await?;
         lanes::record(
             &mut tx,
             &locked,
@@ -896,10 +895,15 @@ async fn repeat_of(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Option
 }
 
 /// Moves each delivery to its next state, only where the record's claim
-/// still holds (a lost lease means another worker owns it now), and locks
-/// their lanes ([`lanes::LOCK_RECORDED`]); returns the ids that were
-/// updated and the lanes' rows.
-static UPDATE_DELIVERIES_SQL: LazyLock<String> = LazyLock::new(|| {
+/// still holds (a lost lease means another worker owns it now), writes
+/// those deliveries' attempts, and locks their lanes
+/// ([`lanes::LOCK_RECORDED`]), in one statement; returns the ids that were
+/// updated and the lanes' rows. The lanes are locked by the transaction's
+/// first statement, but only the lanes' write, the webhooks' updates and
+/// the commit follow it: with one busy endpoint, every moment its lane is
+/// locked is a claim that skips it (locking the lanes before a separate
+/// attempts insert cut a one-endpoint drain by a fifth).
+static RECORD_DELIVERIES_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH updated AS ( \
              UPDATE deliveries d SET status = r.status, due_at = r.due_at, claim_token = NULL, \
@@ -909,6 +913,14 @@ static UPDATE_DELIVERIES_SQL: LazyLock<String> = LazyLock::new(|| {
                          $7::bigint[], $8::text[], $9::bigint[], $10::text[]) \
                   AS r(id, token, status, due_at, attempted, started_at, status_code, error, now, skip_reason) \
              WHERE d.id = r.id AND d.claim_token = r.token RETURNING d.id, d.webhook_id), \
+         inserted AS ( \
+             INSERT INTO attempts (id, delivery_id, attempt, started_at, duration_ms, outcome, status_code, \
+             response_body, error, plugin_error) \
+             SELECT a.* FROM UNNEST($11::text[], $12::text[], $13::bigint[], $14::bigint[], $15::bigint[], \
+                                    $16::text[], $17::bigint[], $18::text[], $19::text[], $20::text[]) \
+                  AS a(id, delivery_id, attempt, started_at, duration_ms, outcome, status_code, response_body, \
+                       error, plugin_error) \
+             WHERE a.delivery_id IN (SELECT id FROM updated)), \
          {} \
          SELECT u.updated_ids, l.* FROM (SELECT array_agg(id) AS updated_ids FROM updated) u \
          LEFT JOIN lanes l ON TRUE",
@@ -916,13 +928,20 @@ static UPDATE_DELIVERIES_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-async fn update_deliveries(
+async fn record_deliveries(
     c: &mut PgConnection,
     records: &[AttemptRecord],
 ) -> StoreResult<(HashSet<String>, Vec<PgRow>)> {
     let column =
         |f: fn(&AttemptRecord) -> Option<Millis>| records.iter().map(f).collect::<Vec<_>>();
-    let rows = sqlx::query(&UPDATE_DELIVERIES_SQL)
+    let attempts: Vec<(&AttemptRecord, &AttemptRow)> = records
+        .iter()
+        .filter_map(|r| r.attempt.as_ref().map(|a| (r, a)))
+        .collect();
+    let ids: Vec<AttemptId> = attempts.iter().map(|_| AttemptId::new()).collect();
+    let number =
+        |f: fn(&AttemptRow) -> i64| attempts.iter().map(|(_, a)| f(a)).collect::<Vec<i64>>();
+    let rows = sqlx::query(&RECORD_DELIVERIES_SQL)
         .bind(
             records
                 .iter()
@@ -958,6 +977,46 @@ async fn update_deliveries(
                 .map(|r| r.next.skip_reason())
                 .collect::<Vec<_>>(),
         )
+        .bind(ids.iter().map(AttemptId::as_str).collect::<Vec<_>>())
+        .bind(
+            attempts
+                .iter()
+                .map(|(r, _)| r.delivery_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(number(|a| a.number))
+        .bind(number(|a| a.started_at))
+        .bind(number(|a| a.duration_ms))
+        .bind(
+            attempts
+                .iter()
+                .map(|(_, a)| a.outcome.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            attempts
+                .iter()
+                .map(|(_, a)| a.status_code)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            attempts
+                .iter()
+                .map(|(_, a)| a.response_body.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            attempts
+                .iter()
+                .map(|(_, a)| a.error.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            attempts
+                .iter()
+                .map(|(_, a)| a.plugin_error.map(|p| p.as_str()))
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&mut *c)
         .await?;
     let updated: Option<Vec<String>> = match rows.first() {
@@ -965,37 +1024,6 @@ async fn update_deliveries(
         None => None,
     };
     Ok((updated.unwrap_or_default().into_iter().collect(), rows))
-}
-
-async fn insert_attempts(c: &mut PgConnection, records: &[&AttemptRecord]) -> StoreResult<()> {
-    let rows: Vec<(&AttemptRecord, &AttemptRow)> = records
-        .iter()
-        .filter_map(|r| r.attempt.as_ref().map(|a| (*r, a)))
-        .collect();
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<AttemptId> = rows.iter().map(|_| AttemptId::new()).collect();
-    let number = |f: fn(&AttemptRow) -> i64| rows.iter().map(|(_, a)| f(a)).collect::<Vec<i64>>();
-    sqlx::query(
-        "INSERT INTO attempts (id, delivery_id, attempt, started_at, duration_ms, outcome, status_code, \
-         response_body, error, plugin_error) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[], \
-                              $7::bigint[], $8::text[], $9::text[], $10::text[])",
-    )
-    .bind(ids.iter().map(AttemptId::as_str).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(r, _)| r.delivery_id.as_str()).collect::<Vec<_>>())
-    .bind(number(|a| a.number))
-    .bind(number(|a| a.started_at))
-    .bind(number(|a| a.duration_ms))
-    .bind(rows.iter().map(|(_, a)| a.outcome.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, a)| a.status_code).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, a)| a.response_body.as_deref()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, a)| a.error.as_deref()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, a)| a.plugin_error.map(|p| p.as_str())).collect::<Vec<_>>())
-    .execute(&mut *c)
-    .await?;
-    Ok(())
 }
 
 async fn apply_webhook_effect(

@@ -134,6 +134,34 @@ async fn webhook_crud_shows_the_secret_once() {
     assert_eq!(patched["enabled"], false);
     assert_eq!(patched["url"], world.receiver.url("/a"));
 
+    // A rate limit is set, its burst changed alone, then lifted.
+    let path = world.path(&format!("/webhooks/{id}"));
+    let (_, limited) = gateway.patch(&path, json!({"rate_limit": 20})).await;
+    assert_eq!(
+        (
+            limited["rate_limit"].as_u64(),
+            limited["rate_limit_burst"].as_u64()
+        ),
+        (Some(20), Some(2))
+    );
+    let (_, burst) = gateway.patch(&path, json!({"rate_limit_burst": 7})).await;
+    assert_eq!(
+        (
+            burst["rate_limit"].as_u64(),
+            burst["rate_limit_burst"].as_u64()
+        ),
+        (Some(20), Some(7))
+    );
+    let (_, lifted) = gateway.patch(&path, json!({"rate_limit": null})).await;
+    assert_eq!(
+        (
+            lifted["rate_limit"].clone(),
+            lifted["rate_limit_burst"].clone()
+        ),
+        (Value::Null, Value::Null)
+    );
+    assert_eq!(lifted["breaker"]["state"], "closed");
+
     let (status, _) = gateway
         .delete(&world.path(&format!("/webhooks/{id}")))
         .await;
@@ -256,6 +284,24 @@ async fn bad_input_gets_a_4xx_naming_the_problem() {
             json!({"url": "not a url"}),
             StatusCode::BAD_REQUEST,
             "url",
+        ),
+        (
+            "/webhooks",
+            json!({"url": url, "rate_limit": 0}),
+            StatusCode::BAD_REQUEST,
+            "rate_limit",
+        ),
+        (
+            "/webhooks",
+            json!({"url": url, "rate_limit": 10, "rate_limit_burst": 10_001}),
+            StatusCode::BAD_REQUEST,
+            "rate_limit_burst",
+        ),
+        (
+            "/webhooks",
+            json!({"url": url, "rate_limit_burst": 5}),
+            StatusCode::BAD_REQUEST,
+            "rate_limit_burst",
         ),
         (
             "/events",

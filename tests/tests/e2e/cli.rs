@@ -92,6 +92,10 @@ async fn an_admin_runs_the_whole_flow_from_the_command_line() {
             "X-Team=ops",
             "--max-in-flight",
             "4",
+            "--rate-limit",
+            "500",
+            "--rate-limit-burst",
+            "50",
             "--json",
         ],
     )
@@ -101,6 +105,13 @@ async fn an_admin_runs_the_whole_flow_from_the_command_line() {
     let secret = created["secret"].as_str().unwrap().to_owned();
     assert_eq!(created["event_types"], json!(["order.*"]));
     assert_eq!(created["max_in_flight"], 4);
+    assert_eq!(
+        (
+            created["rate_limit"].clone(),
+            created["rate_limit_burst"].clone()
+        ),
+        (json!(500), json!(50))
+    );
     world.remember_secret("/cli", &secret);
     let table = admin(gateway, &["webhook", "list", "--app", "shop"])
         .await

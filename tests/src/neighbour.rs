@@ -1,9 +1,9 @@
 //! Two tenants on one gateway, for the fairness tests and the bench's
 //! neighbour mode: a healthy app's webhook, whose delivery rate is
 //! measured, beside another app's noisy one (an endpoint that hangs, one
-//! that fails at once, or a plugin that runs into its deadline every
-//! time), with a backlog queued for the noisy one before each run beside
-//! it.
+//! that fails at once, one that answers 429, a plugin that runs into its
+//! deadline every time, or an app with 200 slow endpoints), with a
+//! backlog queued for the noisy one before each run beside it.
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,13 @@ pub enum Neighbour {
     Plugin,
     /// An endpoint that answers 429 with `Retry-After: 2` at once.
     Throttle,
+    /// An app with many endpoints that each answer after a second: 200
+    /// webhooks, every event fanned out to all of them.
+    BusyApp,
 }
+
+/// Webhooks of the busy app.
+const BUSY_APP_WEBHOOKS: usize = 200;
 
 impl Neighbour {
     /// Deliveries queued for the neighbour before each run beside it.
@@ -38,6 +44,16 @@ impl Neighbour {
         match self {
             Self::Hang | Self::Fail | Self::Throttle => 1_000,
             Self::Plugin => 200,
+            Self::BusyApp => 20 * BUSY_APP_WEBHOOKS,
+        }
+    }
+
+    /// Events that queue the backlog: one per delivery, or for the busy
+    /// app one per round of its fan-out.
+    fn backlog_events(self) -> usize {
+        match self {
+            Self::BusyApp => self.backlog() / BUSY_APP_WEBHOOKS,
+            _ => self.backlog(),
         }
     }
 }
@@ -74,6 +90,7 @@ impl Tenants {
             Neighbour::Hang => noisy.always(Reply::status(200).delay(Duration::from_secs(3600))),
             Neighbour::Fail => noisy.always(Reply::status(500)),
             Neighbour::Throttle => noisy.always(Reply::status(429).header("retry-after", "2")),
+            Neighbour::BusyApp => noisy.always(Reply::status(200).delay(Duration::from_secs(1))),
             Neighbour::Plugin => {
                 let passthrough = gateway.plugin("passthrough").await;
                 let hostile = gateway.plugin("hostile").await;
@@ -83,7 +100,15 @@ impl Tenants {
             }
         }
         gateway.create_webhook(&healthy_app, healthy_webhook).await;
-        gateway.create_webhook(&noisy_app, noisy_webhook).await;
+        let noisy_webhooks = match neighbour {
+            Neighbour::BusyApp => BUSY_APP_WEBHOOKS,
+            _ => 1,
+        };
+        for _ in 0..noisy_webhooks {
+            gateway
+                .create_webhook(&noisy_app, noisy_webhook.clone())
+                .await;
+        }
         Self {
             gateway,
             neighbour,
@@ -110,8 +135,8 @@ impl Tenants {
     /// been reached (a runaway plugin never reaches it).
     pub async fn queue_backlog(&self) {
         let before = self.noisy.count();
-        let backlog = self.neighbour.backlog();
-        self.publish(&self.noisy_app, "noisy.tick", backlog).await;
+        let events = self.neighbour.backlog_events();
+        self.publish(&self.noisy_app, "noisy.tick", events).await;
         if self.neighbour != Neighbour::Plugin {
             self.noisy.wait_for(before + 1, PATIENCE).await;
         }

@@ -7,7 +7,7 @@
 //! starts a full gateway on the same database and measures how it drains
 //! the backlog (and how much memory that takes).
 //!
-//! `--neighbour hang|fail|plugin` measures fairness instead: a healthy
+//! `--neighbour hang|fail|plugin|throttle|busy-app` measures fairness instead: a healthy
 //! app's delivery rate beside another app's noisy webhook, as a ratio to
 //! its rate alone, in interleaved rounds.
 //!
@@ -59,8 +59,9 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     workers: usize,
     /// Measure fairness instead: a healthy app's webhook alone, then
-    /// beside another app's noisy one (an endpoint that hangs, one that
-    /// fails at once, or a runaway plugin), on a fresh gateway each round;
+    /// beside another app's noisy one (an endpoint that hangs, fails at
+    /// once or answers 429, a runaway plugin, or an app with 200 slow
+    /// endpoints), on a fresh gateway each round;
     /// prints the healthy rate beside it as a ratio to alone. `--events`
     /// is the healthy events per run.
     #[arg(long, value_enum)]

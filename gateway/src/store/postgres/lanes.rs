@@ -23,14 +23,14 @@ use crate::store::rows::{
 /// How soon a lane is looked at again after a claim that left it with
 /// room and nothing more it could see. A claim reads the queue as it was
 /// when the claim began, so work a publish commits meanwhile is invisible
-/// to it, and that publish's wake ([`wakeable`]), which neither waits for
+/// to it, and that publish's wake (`wakeable`), which neither waits for
 /// nor takes the lane's lock, may have seen the lane due and left it. So
 /// such a claim leaves the lane due at this time. A look that then finds
 /// nothing marks the lane `emptied` and looks once more; publishes treat
 /// an emptied lane as idle and wake it under its lock, so the look after
 /// that, which idles the lane, cannot miss them. The work of every
 /// publish whose commit took less than this is found; the worker's sweep
-/// ([`SWEEP`]) finds any other.
+/// (`SWEEP`) finds any other.
 pub const EMPTIED_LANE_RECHECK: Duration = Duration::from_millis(200);
 
 /// The lanes a publish wakes (`now` is an SQL expression): those

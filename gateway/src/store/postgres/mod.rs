@@ -613,7 +613,7 @@ impl PostgresStore {
         map_rows(&rows, rows::attempt)
     }
 
-    /// The delivery and its lane ([`lanes::RETRY`]) in one statement.
+    /// The delivery and its lane (`lanes::RETRY`) in one statement.
     pub async fn retry_delivery(&self, app_id: &AppId, id: &DeliveryId) -> StoreResult<Delivery> {
         let now = now_ms();
         let sql = format!(

@@ -106,6 +106,26 @@ pub enum WebhookCommand {
     List,
     /// One webhook (its secret masked).
     Show { webhook: String },
+    /// Change a webhook's traffic settings; what is not given stays.
+    Update {
+        webhook: String,
+        /// Attempts in flight at once to this webhook.
+        #[arg(long)]
+        max_in_flight: Option<u32>,
+        /// Deliveries per second the endpoint receives at most (its burst
+        /// back to the default unless `--rate-limit-burst` is given too).
+        #[arg(long, conflicts_with = "no_rate_limit")]
+        rate_limit: Option<u32>,
+        /// How many may arrive at once within the rate limit.
+        #[arg(long, conflicts_with = "no_rate_limit")]
+        rate_limit_burst: Option<u32>,
+        /// Lift the rate limit.
+        #[arg(long)]
+        no_rate_limit: bool,
+        /// Enable (`true`) or disable (`false`) the webhook.
+        #[arg(long)]
+        enabled: Option<bool>,
+    },
     /// Delete a webhook with its deliveries.
     Delete { webhook: String },
     /// New secret; the old one keeps signing during the overlap.
@@ -293,6 +313,33 @@ async fn webhook(
         }
         WebhookCommand::List => out.list(&client.list_all(&base).await?, WEBHOOK_COLUMNS),
         WebhookCommand::Show { webhook } => out.record(&client.get(&one(&webhook)).await?),
+        WebhookCommand::Update {
+            webhook,
+            max_in_flight,
+            rate_limit,
+            rate_limit_burst,
+            no_rate_limit,
+            enabled,
+        } => {
+            let mut body = json!({});
+            if let Some(max_in_flight) = max_in_flight {
+                body["max_in_flight"] = json!(max_in_flight);
+            }
+            if let Some(rate_limit) = rate_limit {
+                body["rate_limit"] = json!(rate_limit);
+            }
+            if no_rate_limit {
+                body["rate_limit"] = Value::Null;
+            }
+            if let Some(burst) = rate_limit_burst {
+                body["rate_limit_burst"] = json!(burst);
+            }
+            if let Some(enabled) = enabled {
+                body["enabled"] = json!(enabled);
+            }
+            let request = client.request(Method::PATCH, &one(&webhook)).json(&body);
+            out.record(&client.send(request).await?);
+        }
         WebhookCommand::Delete { webhook } => {
             client
                 .send(client.request(Method::DELETE, &one(&webhook)))

@@ -113,6 +113,45 @@ async fn an_admin_runs_the_whole_flow_from_the_command_line() {
         (json!(500), json!(50))
     );
     world.remember_secret("/cli", &secret);
+    let updated = admin(
+        gateway,
+        &[
+            "webhook",
+            "update",
+            &webhook,
+            "--app",
+            "shop",
+            "--rate-limit",
+            "100",
+            "--json",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(
+        (
+            updated["rate_limit"].clone(),
+            updated["rate_limit_burst"].clone()
+        ),
+        (json!(100), json!(10)),
+        "a new rate, its burst back to the default"
+    );
+    assert_eq!(updated["max_in_flight"], 4, "what is not given stays");
+    let lifted = admin(
+        gateway,
+        &[
+            "webhook",
+            "update",
+            &webhook,
+            "--app",
+            "shop",
+            "--no-rate-limit",
+            "--json",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(lifted["rate_limit"], serde_json::Value::Null);
     let table = admin(gateway, &["webhook", "list", "--app", "shop"])
         .await
         .stdout;

@@ -189,11 +189,10 @@ impl Worker {
         }
     }
 
-    /// Waits for work: a wake-up from a local publish, the poll interval,
-    /// or shutdown.
-    /// Waits for a wake-up, the next lane's due time or the poll
-    /// interval, whichever comes first: a lane held for its rate limit or
-    /// waiting for a retry is claimed on time, not up to a poll late.
+    /// Waits for work: a wake-up (a local publish, a record), the next
+    /// lane's due time or the poll interval, whichever comes first, or
+    /// shutdown. A lane held for its rate limit or waiting for a retry is
+    /// claimed on time, not up to a poll late.
     async fn idle(&self, shutdown: &CancellationToken) {
         let now = now_ms();
         let wait = match self.store.next_due_at(now).await {

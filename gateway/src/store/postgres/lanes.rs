@@ -112,7 +112,7 @@ pub const DUE: &str = "SELECT l.webhook_id, l.streak, COALESCE(w.max_in_flight, 
      ORDER BY l.next_due_at LIMIT $2 FOR UPDATE OF l SKIP LOCKED";
 
 /// claim: from the locked lanes, ending in `claimed` (the leased
-/// deliveries): (now, most deliveries, lanes, their [`lane::in_flight`]
+/// deliveries): (now, most deliveries, lanes, their [`lane::claim_limit`]
 /// limits, lease end, token, recheck time, and per lane, from its
 /// [`lane::Gcra`], the most its rate limit allows, the base of its rate
 /// state, its interval, and the base of its hold; NULL where unlimited).

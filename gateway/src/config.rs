@@ -9,8 +9,8 @@ use clap::{Args, ValueEnum};
 use ipnet::IpNet;
 
 use crate::clock::millis;
-use crate::domain::InFlightLimit;
 use crate::domain::lane::BreakerPolicy;
+use crate::domain::{InFlightLimit, SharePercent};
 use crate::plugin::PluginLimits;
 use crate::url_safety::UrlPolicy;
 
@@ -74,6 +74,13 @@ pub struct Settings {
     /// endpoint holds at most this many of the workers' slots.
     #[arg(long, env = "WASMHOOK_MAX_IN_FLIGHT", default_value = "32", value_parser = parse_in_flight_limit)]
     pub max_in_flight: InFlightLimit,
+
+    /// The part of this process's delivery slots, in percent, that apps
+    /// with deliveries in flight share fairly between them; the rest stays
+    /// free, so an app that starts publishing is served at once beside
+    /// another app's hundreds of slow webhooks. 100 keeps nothing free.
+    #[arg(long, env = "WASMHOOK_APP_SHARE", default_value = "75", value_parser = parse_share)]
+    pub app_share: SharePercent,
 
     /// Most deliveries claimed, or attempt results written, in one
     /// transaction.
@@ -237,6 +244,15 @@ impl Settings {
 /// Parses `250ms`, `5s`, `30m`, `2h`, `5d` and combinations such as `1h30m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|e| format!("`{text}` is not a duration: {e}"))
+}
+
+fn parse_share(text: &str) -> Result<SharePercent, String> {
+    let n: u64 = text
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number"))?;
+    SharePercent::parse(n)
 }
 
 fn parse_in_flight_limit(text: &str) -> Result<InFlightLimit, String> {

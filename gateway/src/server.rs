@@ -94,6 +94,7 @@ impl Gateway {
             poll_interval: settings.poll_interval,
             shutdown_grace: settings.shutdown_grace,
             default_max_in_flight: settings.max_in_flight,
+            app_share: settings.app_share,
         };
         let retention = Retention {
             store: store.clone(),

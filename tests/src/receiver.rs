@@ -1,7 +1,8 @@
 //! A real HTTP receiver on 127.0.0.1: records every request, answers with
-//! scripted replies first and `200 OK` after.
+//! scripted replies first and `200 OK` after; it can also answer the first
+//! request of each group (say, each ordering key) differently.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,10 +74,18 @@ struct Inner {
     received: Mutex<Vec<Received>>,
     script: Mutex<VecDeque<Reply>>,
     default_reply: Mutex<Option<Reply>>,
+    first_of_each: Mutex<Option<FirstOfEach>>,
     arrived: Notify,
     /// Requests being answered now, and the most there were at once.
     in_flight: AtomicUsize,
     most_in_flight: AtomicUsize,
+}
+
+/// The reply to the first request of each group, and the groups seen.
+struct FirstOfEach {
+    group: fn(&Received) -> Option<String>,
+    reply: Reply,
+    seen: HashSet<String>,
 }
 
 /// Counts one request as in flight for as long as it lives.
@@ -130,6 +139,16 @@ impl Receiver {
         *self.inner.default_reply.lock().unwrap() = Some(reply);
     }
 
+    /// Answers the first request of each group (`group` of the request;
+    /// `None`: in no group) with `reply`, unless a reply is scripted.
+    pub fn first_of_each(&self, group: fn(&Received) -> Option<String>, reply: Reply) {
+        *self.inner.first_of_each.lock().unwrap() = Some(FirstOfEach {
+            group,
+            reply,
+            seen: HashSet::new(),
+        });
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.inner.received.lock().unwrap().clone()
     }
@@ -173,16 +192,19 @@ async fn record(
     body: Bytes,
 ) -> Response {
     let _in_flight = InFlight::enter(&inner);
-    let reply = {
-        let scripted = inner.script.lock().unwrap().pop_front();
-        scripted.or_else(|| inner.default_reply.lock().unwrap().clone())
-    };
-    inner.received.lock().unwrap().push(Received {
+    let received = Received {
         path: uri.path().to_owned(),
         headers,
         body,
         at: Instant::now(),
-    });
+    };
+    let reply = {
+        let scripted = inner.script.lock().unwrap().pop_front();
+        scripted
+            .or_else(|| first_of_its_group(&inner, &received))
+            .or_else(|| inner.default_reply.lock().unwrap().clone())
+    };
+    inner.received.lock().unwrap().push(received);
     inner.arrived.notify_waiters();
     let Some(reply) = reply else {
         return StatusCode::OK.into_response();
@@ -193,4 +215,12 @@ async fn record(
         response.headers_mut().insert(name, value.parse().unwrap());
     }
     response
+}
+
+/// The reply for the first request of its group, if this is one.
+fn first_of_its_group(inner: &Inner, received: &Received) -> Option<Reply> {
+    let mut first = inner.first_of_each.lock().unwrap();
+    let first = first.as_mut()?;
+    let group = (first.group)(received)?;
+    first.seen.insert(group).then(|| first.reply.clone())
 }

@@ -12,6 +12,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, Caller};
 use super::openapi::ErrorResponses;
 use crate::clock::{millis, now_ms, rfc3339};
+use crate::domain::ordering::OrderingKey;
 use crate::domain::{EventId, EventType, NewEvent, parse_event_id};
 
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
@@ -29,6 +30,12 @@ pub struct PublishEvent {
     /// Your id for the event; a repeat within the window is not queued again.
     #[schema(pattern = r"^[A-Za-z0-9_.\-]{1,256}$")]
     id: Option<String>,
+    /// Events with the same key go to each webhook one at a time, in the
+    /// order they were published: a delivery being retried holds back the
+    /// later ones of its key (until it succeeds, is skipped or is dead),
+    /// and no other. 1 to 256 characters, no control characters.
+    #[schema(pattern = r"^[^\u0000-\u001F\u007F-\u009F]{1,256}$")]
+    ordering_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -86,12 +93,19 @@ pub async fn publish(
         Some(id) => parse_event_id(id).map_err(|e| ApiError::invalid("id", e))?,
         None => EventId::new(),
     };
+    let ordering_key = body
+        .ordering_key
+        .as_deref()
+        .map(OrderingKey::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid("ordering_key", e))?;
     let event = NewEvent {
         app_id: app.id,
         id,
         event_type,
         payload: payload.to_owned(),
         idempotency_key: idempotency_key(&headers)?,
+        ordering_key,
         dedup_since: now_ms() - millis(state.limits.idempotency_window),
     };
     let published = state.store.publish(event).await?;
@@ -127,6 +141,8 @@ pub struct EventView {
     event_type: String,
     #[schema(value_type = Value)]
     payload: Box<RawValue>,
+    /// The key that orders it among other events, if it was given one.
+    ordering_key: Option<String>,
     created_at: String,
 }
 
@@ -154,6 +170,7 @@ pub async fn show(
         app_id: event.app_id.into(),
         event_type: event.event_type,
         payload,
+        ordering_key: event.ordering_key,
         created_at: rfc3339(event.created_at),
     }))
 }

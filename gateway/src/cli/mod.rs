@@ -152,6 +152,10 @@ pub enum EventCommand {
         id: Option<String>,
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// Events with the same key reach each webhook one at a time, in
+        /// publish order.
+        #[arg(long)]
+        ordering_key: Option<String>,
     },
 }
 
@@ -369,6 +373,7 @@ async fn event(
         payload_file,
         id,
         idempotency_key,
+        ordering_key,
     } = command;
     let payload = match (payload, payload_file) {
         (Some(text), _) => parse_json("--payload", &text)?,
@@ -378,6 +383,9 @@ async fn event(
     let mut body = json!({ "event_type": event_type, "payload": payload });
     if let Some(id) = id {
         body["id"] = json!(id);
+    }
+    if let Some(key) = ordering_key {
+        body["ordering_key"] = json!(key);
     }
     let path = format!("{}/events", scope.path()?);
     let mut request = client.request(Method::POST, &path).json(&body);

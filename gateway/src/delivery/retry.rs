@@ -158,6 +158,7 @@ fn record(
         next,
         webhook,
         throttled_until: None,
+        ordering_key: delivery.ordering_key.clone(),
         now,
     }
 }

@@ -7,7 +7,9 @@
 //! worker slot and its place in the [`Ledger`] of claims this process
 //! holds: handing the attempt's record to the recorder ends it; dropping it
 //! unrecorded (a task cancelled at shutdown, or one that panicked) gives
-//! the delivery back to the queue. [`Worker::try_execute_batch`] is one
+//! the delivery back to the queue. The ledger also counts the slots each
+//! app holds, so each claim takes no more of an app's deliveries than its
+//! fair share of the slots allows ([`crate::domain::share`]). [`Worker::try_execute_batch`] is one
 //! whole step (claim, attempt, record) for tests to drive without polling.
 //!
 //! Now and then it sweeps the queue for lanes left idle with work due
@@ -16,7 +18,7 @@
 //! On shutdown it stops claiming, lets in-flight attempts finish within the
 //! grace period, and gives whatever is still unfinished back to the queue.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,9 +32,10 @@ use super::message;
 use super::retry::RetryPolicy;
 use super::sender::{SendResult, Sender};
 use crate::clock::{Millis, now_ms};
+use crate::domain::share::{Allotment, FairShare};
 use crate::domain::{
-    AttemptRecord, ClaimRequest, ClaimToken, ClaimedDelivery, DeliveryId, HeldClaim, InFlightLimit,
-    NextState,
+    AppId, AttemptRecord, ClaimRequest, ClaimToken, ClaimedDelivery, DeliveryId, HeldClaim,
+    InFlightLimit, NextState, SharePercent,
 };
 use crate::plugin::{Decision, Delivered, Invocation, Plugins};
 use crate::store::{Store, StoreResult};
@@ -54,6 +57,8 @@ pub struct WorkerConfig {
     /// Attempts in flight at once to a webhook that sets no limit of its
     /// own, across every process.
     pub default_max_in_flight: InFlightLimit,
+    /// The part of `concurrency` the apps holding slots share.
+    pub app_share: SharePercent,
 }
 
 /// A delivery worker, built from its parts by the server.
@@ -82,7 +87,8 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let (results, recorder_rx) = mpsc::channel(this.config.concurrency * 2);
-        let ledger = Arc::new(Ledger::default());
+        let share = FairShare::new(this.config.concurrency, this.config.app_share);
+        let ledger = Arc::new(Ledger::new(Some(share), this.wake.clone()));
         let recorder = tokio::spawn(record_loop(
             this.store.clone(),
             recorder_rx,
@@ -125,7 +131,7 @@ impl Worker {
     /// records them all before returning.
     pub async fn try_execute_batch(self: &Arc<Self>) -> StoreResult<ExecutionOutcome> {
         let slots = Arc::new(Semaphore::new(self.config.batch_size.max(1)));
-        let ledger = Arc::new(Ledger::default());
+        let ledger = Arc::new(Ledger::new(None, self.wake.clone()));
         let claims = self.claim(&slots, &ledger).await?;
         if claims.is_empty() {
             return Ok(ExecutionOutcome::EmptyQueue);
@@ -146,7 +152,8 @@ impl Worker {
     }
 
     /// Claims as many due deliveries as there are free slots (at most a
-    /// batch), each as a guard holding its slot.
+    /// batch) and each app's share allows, each as a guard holding its
+    /// slot.
     async fn claim(&self, slots: &Arc<Semaphore>, ledger: &Arc<Ledger>) -> StoreResult<Vec<Claim>> {
         let free = slots.available_permits().min(self.config.batch_size);
         if free == 0 {
@@ -156,6 +163,7 @@ impl Worker {
             limit: u32::try_from(free).unwrap_or(u32::MAX),
             lease: self.config.lease,
             default_max_in_flight: self.config.default_max_in_flight,
+            apps: ledger.allotment(),
         };
         let claimed = self.store.claim_due(request).await?;
         let mut claims = Vec::with_capacity(claimed.len());
@@ -315,27 +323,71 @@ enum Prepared {
     Ended(AttemptRecord),
 }
 
-/// The claims this process holds, and those dropped before their attempt
-/// was recorded, which go back to the queue.
-#[derive(Default)]
+/// The claims this process holds, those dropped before their attempt was
+/// recorded, which go back to the queue, and the slots each app holds.
 struct Ledger {
     state: Mutex<LedgerState>,
+    /// How the slots are shared between apps; `None`: not at all (a
+    /// test's single step).
+    share: Option<FairShare>,
+    /// Woken when an app that had no room frees a slot.
+    wake: Arc<Notify>,
 }
 
 #[derive(Default)]
 struct LedgerState {
     held: HashMap<DeliveryId, ClaimToken>,
     dropped: Vec<HeldClaim>,
+    /// Slots held per app (invariant 1 of [`crate::domain::share`]).
+    apps: HashMap<AppId, u32>,
+    /// Apps the last claim skipped for want of room.
+    full: HashSet<AppId>,
 }
 
 impl Ledger {
+    fn new(share: Option<FairShare>, wake: Arc<Notify>) -> Self {
+        Self {
+            state: Mutex::default(),
+            share,
+            wake,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, LedgerState> {
         // The state stays consistent whatever panicked while holding it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn hold(&self, claim: HeldClaim) {
-        self.lock().held.insert(claim.delivery_id, claim.token);
+    /// What each app may take in the next claim.
+    fn allotment(&self) -> Allotment {
+        let Some(share) = self.share else {
+            return Allotment::unlimited();
+        };
+        let mut state = self.lock();
+        let allotment = share.allot(&state.apps);
+        state.full = allotment.full().into_iter().map(AppId::from).collect();
+        allotment
+    }
+
+    fn hold(&self, claim: HeldClaim, app: &AppId) {
+        let mut state = self.lock();
+        state.held.insert(claim.delivery_id, claim.token);
+        *state.apps.entry(app.clone()).or_default() += 1;
+    }
+
+    /// A slot of `app` is free: if the last claim skipped the app, the
+    /// claim loop may now take more of it.
+    fn slot_freed(&self, app: &AppId) {
+        let mut state = self.lock();
+        if let Some(held) = state.apps.get_mut(app) {
+            *held -= 1;
+            if *held == 0 {
+                state.apps.remove(app);
+            }
+        }
+        if state.full.remove(app) {
+            self.wake.notify_one();
+        }
     }
 
     /// The attempt's record goes to the recorder: no longer ours.
@@ -373,8 +425,9 @@ impl Ledger {
     }
 }
 
-/// A claimed delivery on its way: the worker slot it holds, its entry in
-/// the ledger, and the span its log lines carry.
+/// A claimed delivery on its way: the worker slot it holds, its entries in
+/// the ledger (the claim, and its app's slot), and the span its log lines
+/// carry.
 struct Claim {
     delivery: ClaimedDelivery,
     span: tracing::Span,
@@ -385,7 +438,7 @@ struct Claim {
 
 impl Claim {
     fn new(delivery: ClaimedDelivery, slot: OwnedSemaphorePermit, ledger: Arc<Ledger>) -> Self {
-        ledger.hold(delivery.held());
+        ledger.hold(delivery.held(), &delivery.app_id);
         Self {
             span: attempt_span(&delivery),
             delivery,
@@ -421,6 +474,8 @@ impl Drop for Claim {
         if !self.recorded {
             self.ledger.dropped(self.delivery.held());
         }
+        // `_slot` is freed right after this.
+        self.ledger.slot_freed(&self.delivery.app_id);
     }
 }
 

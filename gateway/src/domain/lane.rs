@@ -37,7 +37,7 @@
 //! | create     | a webhook is created | idle, streak 0 | `CREATE` |
 //! | publish    | an event queues work for the lane | [`wakeable`] lanes become due now ([`not_before`] their hold); others are left as they are | `publish_ctes` in the publish's statement, `WAKE` on its slow path / `WAKE` |
 //! | retry      | a manual retry queues a delivery due now | as publish | `RETRY` / `WAKE` |
-//! | claim      | a worker takes up to the lane's room ([`claim_limit`] less live leases) and its rate limit's allowance ([`Gcra`]) | [`ClaimEnd`]: full at its first live lease end, or due at its next due delivery; held until its rate limit's next delivery | `DUE` + `CLAIM` / `DUE`, `LIVE`, `TAKE`, `PARK` or `NEXT` |
+//! | claim      | a worker takes up to the lane's room ([`claim_limit`] less live leases), its rate limit's allowance ([`Gcra`]) and its app's part of the worker's room ([`super::share`]; the lanes of an app with none are not looked at, and stay as they are) | [`ClaimEnd`]: full at its first live lease end, or due at its next due delivery; held until its rate limit's next delivery | `DUE` + `CLAIM` / `DUE`, `LIVE`, `TAKE`, `PARK` or `NEXT` |
 //! | record     | a batch of its attempts is written | [`LaneState::recorded`]: the streak and the breaker's counts move on; held while a throttling answer asked, or until the next probe when the breaker opens or a probe fails; closed by a success; paused, or due now | `LOCK_RECORDED` (in the recorder's first statement) + `WRITE` / `READ` + `WRITE` |
 //! | release    | claims are given back unattempted | due now, not parked | `RELEASE` / `ROOM` |
 //! | raise limit | the webhook is updated (its limit may have risen) | as release, unless already due | `ROOM` |

@@ -136,6 +136,7 @@ pub struct Event {
     pub app_id: AppId,
     pub event_type: String,
     pub payload: String,
+    pub ordering_key: Option<String>,
     pub created_at: Millis,
 }
 
@@ -148,6 +149,9 @@ pub struct NewEvent {
     /// Validated JSON text.
     pub payload: String,
     pub idempotency_key: Option<String>,
+    /// Events of one key go to each webhook one at a time, in publish
+    /// order ([`super::ordering`]).
+    pub ordering_key: Option<super::ordering::OrderingKey>,
     /// A repeat older than this is not a repeat.
     pub dedup_since: Millis,
 }
@@ -223,7 +227,7 @@ pub struct QueueStats {
 }
 
 /// What a worker asks of a claim.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClaimRequest {
     /// Most deliveries to claim.
     pub limit: u32,
@@ -231,6 +235,8 @@ pub struct ClaimRequest {
     pub lease: std::time::Duration,
     /// The in-flight limit of webhooks that set none.
     pub default_max_in_flight: InFlightLimit,
+    /// How many more deliveries of each app the worker may hold.
+    pub apps: super::share::Allotment,
 }
 
 /// A delivery a worker claimed, with all it needs to make the attempt.
@@ -257,6 +263,9 @@ pub struct ClaimedDelivery {
     pub app_id: AppId,
     pub app_uid: Option<String>,
     pub plugin: Option<ClaimedPlugin>,
+    /// Its event's ordering key, if any: ending this delivery lets the
+    /// next one of the key go.
+    pub ordering_key: Option<String>,
 }
 
 impl ClaimedDelivery {
@@ -299,6 +308,9 @@ pub struct AttemptRecord {
     /// The endpoint asked to be left alone until then (see
     /// [`super::lane::throttle`]): its whole lane waits.
     pub throttled_until: Option<Millis>,
+    /// The delivery's ordering key: if this ends it, the next of the key
+    /// becomes due ([`super::ordering`]).
+    pub ordering_key: Option<String>,
     pub now: Millis,
 }
 

@@ -65,6 +65,11 @@ impl DeliveryStatus {
     pub fn is_waiting(self) -> bool {
         matches!(self, Self::Pending | Self::Failed)
     }
+
+    /// Not ended: waiting, or being sent.
+    pub fn is_unfinished(self) -> bool {
+        self.is_waiting() || self == Self::Sending
+    }
 }
 
 named_enum!(

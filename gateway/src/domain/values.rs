@@ -184,6 +184,25 @@ impl InFlightLimit {
     }
 }
 
+/// The part of a worker's slots, in percent, that apps with deliveries in
+/// flight share between them; the rest stays free for an app that starts
+/// publishing (see [`super::share`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharePercent(u8);
+
+impl SharePercent {
+    pub fn parse(n: u64) -> Result<Self, String> {
+        match u8::try_from(n) {
+            Ok(n @ 1..=100) => Ok(Self(n)),
+            _ => Err("must be a percentage between 1 and 100".into()),
+        }
+    }
+
+    pub fn get(self) -> u8 {
+        self.0
+    }
+}
+
 /// How many deliveries per second a webhook's endpoint receives at most,
 /// across every gateway process, and how many of them may arrive at once
 /// (the burst). Without a burst given, it is a tenth of a second's worth

@@ -224,9 +224,10 @@ delegate! {
     fn retry_delivery(&self, app_id: &AppId, id: &DeliveryId) -> StoreResult<Delivery>;
     /// Claims up to `request.limit` due deliveries for `request.lease`,
     /// lane by lane (a lane is one webhook's deliveries), the lane with the
-    /// oldest due work first, and never more of one webhook's than its
+    /// oldest due work first, never more of one webhook's than its
     /// in-flight limit, rate limit and breaker allow across every process
-    /// (see [`crate::domain::lane`]). No two workers hold
+    /// (see [`crate::domain::lane`]), and never more of one app's than
+    /// `request.apps` allows ([`crate::domain::share`]). No two workers hold
     /// the same delivery, and one that dies loses its claims when the lease
     /// runs out.
     fn claim_due(&self, request: ClaimRequest) -> StoreResult<Vec<ClaimedDelivery>>;

@@ -20,7 +20,7 @@ pub(super) const WEBHOOK_COLUMNS: &str = "id, app_id, url, description, event_ty
      created_at, updated_at, plugin_id, plugin_config, max_in_flight, rate_limit, rate_limit_burst";
 pub(super) const PLUGIN_COLUMNS: &str = "id, name, version, sha256, size, created_at";
 pub(super) const PLUGIN_CODE_COLUMNS: &str = "sha256, wasm, artifact, artifact_key";
-pub(super) const EVENT_COLUMNS: &str = "id, app_id, event_type, payload, created_at";
+pub(super) const EVENT_COLUMNS: &str = "id, app_id, event_type, payload, ordering_key, created_at";
 pub(super) const DELIVERY_COLUMNS: &str = "id, app_id, event_id, webhook_id, status, attempts, \
      due_at, last_attempt_at, last_status_code, last_error, created_at, updated_at, skip_reason";
 pub(super) const ATTEMPT_COLUMNS: &str = "id, attempt, started_at, duration_ms, outcome, \
@@ -28,7 +28,7 @@ pub(super) const ATTEMPT_COLUMNS: &str = "id, attempt, started_at, duration_ms, 
 /// A claimed delivery `d` with what its attempt needs, joined by
 /// [`CLAIMED_JOINS`].
 pub(super) const CLAIMED_COLUMNS: &str = "d.id, d.claim_token, d.attempts, \
-     e.id AS event_id, e.event_type, e.payload, e.created_at AS event_created_at, \
+     e.id AS event_id, e.event_type, e.payload, e.created_at AS event_created_at, e.ordering_key, \
      w.id AS webhook_id, w.url, w.enabled, w.disabled_reason, w.headers, w.raw_payload, w.secret, \
      w.previous_secret, w.previous_secret_expires_at, a.id AS app_id, a.uid AS app_uid, \
      w.plugin_id, w.plugin_config, p.sha256 AS plugin_sha256";
@@ -206,6 +206,7 @@ pub(super) fn event(r: &impl ReadRow) -> StoreResult<Event> {
         app_id: r.text("app_id")?,
         event_type: r.value("event_type")?,
         payload: r.value("payload")?,
+        ordering_key: r.value("ordering_key")?,
         created_at: r.value("created_at")?,
     })
 }
@@ -284,5 +285,6 @@ pub(super) fn claimed(r: &impl ReadRow) -> StoreResult<ClaimedDelivery> {
         app_id: r.text("app_id")?,
         app_uid: r.value("app_uid")?,
         plugin,
+        ordering_key: r.value("ordering_key")?,
     })
 }

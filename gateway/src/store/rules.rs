@@ -1,10 +1,28 @@
 //! What both backends decide alike, apart from how they ask the database:
 //! which webhooks an event fans out to, whether a publish repeats an
-//! earlier one, and what an upload under a taken name and version means.
+//! earlier one, what an upload under a taken name and version means, and
+//! what a manual retry that changed nothing means.
 
 use super::{StoreError, StoreResult};
 use crate::clock::Millis;
-use crate::domain::{EventId, EventTypeFilter, NewEvent, Plugin, Upload, WebhookId};
+use crate::domain::{
+    Delivery, DeliveryStatus, EventId, EventTypeFilter, NewEvent, Plugin, Upload, WebhookId,
+};
+
+/// The deliveries a manual retry may queue now: not one waiting for an
+/// earlier delivery of its ordering key, which goes in its turn
+/// ([`crate::domain::ordering`]).
+pub(super) const RETRIABLE: &str = "NOT (status = 'pending' AND due_at IS NULL)";
+
+/// A manual retry changed nothing: the delivery is being sent, or waits
+/// for its turn in its key's order (answered as it is).
+pub(super) fn unretried(delivery: Delivery) -> StoreResult<Delivery> {
+    if delivery.status == DeliveryStatus::Pending && delivery.due_at.is_none() {
+        Ok(delivery)
+    } else {
+        Err(StoreError::DeliveryInFlight)
+    }
+}
 
 /// The webhooks (enabled, of the event's app, with their filters) that
 /// receive an event of `event_type`.

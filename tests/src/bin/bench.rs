@@ -7,6 +7,9 @@
 //! starts a full gateway on the same database and measures how it drains
 //! the backlog (and how much memory that takes).
 //!
+//! `--ordering-keys K` publishes every event with one of K ordering keys, to
+//! measure what ordered delivery costs.
+//!
 //! `--neighbour hang|fail|plugin|throttle|busy-app` measures fairness instead: a healthy
 //! app's delivery rate beside another app's noisy webhook, as a ratio to
 //! its rate alone, in interleaved rounds.
@@ -69,6 +72,11 @@ struct Args {
     /// Rounds of the neighbour mode.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Publish every event with an `ordering_key`, event `n` with key
+    /// `n mod K`: each webhook gets each key's events one at a time, in
+    /// order (0: no keys).
+    #[arg(long, default_value_t = 0)]
+    ordering_keys: usize,
     /// Extra gateway settings, as KEY=VALUE (repeatable).
     #[arg(long = "gateway-env", value_parser = parse_key_value)]
     gateway_env: Vec<(String, String)>,
@@ -383,6 +391,7 @@ async fn publish_all(
             gateway.token.clone(),
         );
         let (events, rate, payload_bytes) = (args.events, args.rate, args.payload_bytes);
+        let keys = args.ordering_keys;
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
@@ -396,8 +405,11 @@ async fn publish_all(
                     )
                     .await;
                 }
-                let body =
+                let mut body =
                     json!({ "event_type": "invoice.paid", "payload": payload(n, payload_bytes) });
+                if keys > 0 {
+                    body["ordering_key"] = json!(format!("customer-{}", n % keys));
+                }
                 let started = Instant::now();
                 let response = client
                     .post(&url)

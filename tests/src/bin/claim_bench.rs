@@ -2,7 +2,10 @@
 //! PostgreSQL when `WASMHOOK_TEST_POSTGRES_URL` is set) with N pending
 //! deliveries spread over W webhooks, then times `claim_due` batches
 //! through the gateway's store, giving each batch back so the depth stays
-//! N. Prints the plan of the claim's lane walk, and fails unless it uses
+//! N. With `--keys K`, every delivery carries one of K ordering keys and
+//! only the first of each (webhook, key) is due, the rest waiting behind
+//! it, as ordered delivery queues them. Prints the plan of the claim's
+//! lane walk, and fails unless it uses
 //! the `webhook_lanes_due` index: with a deep queue a sequential scan and
 //! sort would make every claim slower.
 
@@ -11,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use wasmhook::clock::now_ms;
+use wasmhook::domain::share::Allotment;
 use wasmhook::domain::{ClaimRequest, EventId, EventType, InFlightLimit, NewEvent};
 use wasmhook::store::{Store, StoreOptions};
 use wasmhook_tests::Workspace;
@@ -33,6 +37,9 @@ struct Args {
     /// Claims timed per depth.
     #[arg(long, default_value_t = 300)]
     samples: usize,
+    /// Ordering keys the deliveries are spread over (0: none).
+    #[arg(long, default_value_t = 0)]
+    keys: usize,
 }
 
 /// The claim's walk of the lanes with due work, as both backends run it.
@@ -51,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
             store.backend()
         );
         let fill = Instant::now();
-        fill_queue(&store, &workspace, pending, webhooks).await?;
+        fill_queue(&store, &workspace, pending, webhooks, args.keys).await?;
         println!("  filled in {:.1?}", fill.elapsed());
         let plan = claim_plan(&workspace).await?;
         println!("  claim plan: {}", plan.join(" / "));
@@ -70,11 +77,12 @@ async fn measure(store: &Store, args: &Args) -> anyhow::Result<()> {
         lease: Duration::from_secs(60),
         default_max_in_flight: InFlightLimit::parse(args.max_in_flight)
             .map_err(anyhow::Error::msg)?,
+        apps: Allotment::unlimited(),
     };
     let mut samples = Vec::with_capacity(args.samples);
     for _ in 0..args.samples {
         let started = Instant::now();
-        let claimed = store.claim_due(request).await?;
+        let claimed = store.claim_due(request.clone()).await?;
         samples.push(started.elapsed());
         if claimed.is_empty() {
             bail!("claimed nothing of {} pending", args.batch);
@@ -101,6 +109,7 @@ async fn fill_queue(
     workspace: &Workspace,
     pending: usize,
     webhooks: usize,
+    keys: usize,
 ) -> anyhow::Result<()> {
     let app = store.create_app("bench", None).await?;
     let event = store
@@ -110,6 +119,7 @@ async fn fill_queue(
             event_type: EventType::parse("bench.tick").expect("event type"),
             payload: "{}".into(),
             idempotency_key: None,
+            ordering_key: None,
             dedup_since: 0,
         })
         .await?;
@@ -130,6 +140,18 @@ async fn fill_queue(
             format!("{}{select} FROM s", from.replace("{n}", &n.to_string()))
         }
     };
+    // With keys, delivery g has key g mod K on webhook 1 + g mod W: the
+    // first of each (webhook, key) pair, g up to lcm(W, K), is its head.
+    let (due, key, seq) = if keys == 0 {
+        (format!("{now} - g"), "NULL".to_owned(), "NULL")
+    } else {
+        let heads = lcm(webhooks, keys);
+        (
+            format!("CASE WHEN g <= {heads} THEN {now} - g END"),
+            format!("'key-' || (g % {keys})"),
+            "g",
+        )
+    };
     let statements = [
         rows(
             webhooks,
@@ -142,9 +164,10 @@ async fn fill_queue(
         rows(
             pending,
             &format!(
-                "INSERT INTO deliveries (id, app_id, event_id, webhook_id, status, due_at, created_at, updated_at) \
+                "INSERT INTO deliveries (id, app_id, event_id, webhook_id, status, due_at, created_at, updated_at, \
+                 ordering_key, ordering_seq) \
                  SELECT 'dlv_bench_' || g, '{app}', '{event}', 'wh_bench_' || (1 + g % {webhooks}), 'pending', \
-                 {now} - g, {now}, {now}"
+                 {due}, {now}, {now}, {key}, {seq}"
             ),
         ),
         "INSERT INTO webhook_lanes (webhook_id, next_due_at) SELECT webhook_id, MIN(due_at) \
@@ -155,6 +178,13 @@ async fn fill_queue(
         execute(workspace, &sql).await?;
     }
     execute(workspace, "ANALYZE").await
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    a / gcd(a, b) * b
 }
 
 async fn execute(workspace: &Workspace, sql: &str) -> anyhow::Result<()> {

@@ -327,6 +327,24 @@ async fn bad_input_gets_a_4xx_naming_the_problem() {
             StatusCode::BAD_REQUEST,
             "id",
         ),
+        (
+            "/events",
+            json!({"event_type": "a", "payload": {}, "ordering_key": ""}),
+            StatusCode::BAD_REQUEST,
+            "ordering_key",
+        ),
+        (
+            "/events",
+            json!({"event_type": "a", "payload": {}, "ordering_key": "k".repeat(257)}),
+            StatusCode::BAD_REQUEST,
+            "ordering_key",
+        ),
+        (
+            "/events",
+            json!({"event_type": "a", "payload": {}, "ordering_key": "a\u{1}b"}),
+            StatusCode::BAD_REQUEST,
+            "ordering_key",
+        ),
     ];
     for (path, body, expected, names) in cases {
         let (status, error) = gateway.post(&world.path(path), body.clone()).await;

@@ -169,6 +169,8 @@ async fn an_admin_runs_the_whole_flow_from_the_command_line() {
             r#"{"total": 42}"#,
             "--idempotency-key",
             "k-1",
+            "--ordering-key",
+            "customer-7",
         ],
     )
     .await
@@ -176,6 +178,11 @@ async fn an_admin_runs_the_whole_flow_from_the_command_line() {
     assert!(published.contains("1 deliveries queued"), "{published}");
     let got = world.wait_for(1, PATIENCE).await;
     assert_eq!(got[0].json()["data"], json!({"total": 42}));
+    let event_id = got[0].header("webhook-id").unwrap();
+    let (_, event) = gateway
+        .get(&format!("/v1/apps/shop/events/{event_id}"))
+        .await;
+    assert_eq!(event["ordering_key"], "customer-7");
     assert_eq!(got[0].header("x-team"), Some("ops"));
 
     let deliveries = admin(

@@ -10,6 +10,10 @@
 //! pacing, the failing endpoint cut it to 0.65. Those two causes are also
 //! asserted where a shared machine's load cannot move them much: how many
 //! of the neighbour's requests were in flight at once, and how many it got.
+//! Beside another app with 200 endpoints that each answer after a second
+//! and 4,000 deliveries queued for them, the busy app held every slot
+//! and the ratio was 0.00; with the slots shared between apps it keeps
+//! three quarters of them at most, and the rest serves the other app.
 
 use wasmhook_tests::GatewayBuilder;
 use wasmhook_tests::neighbour::{self, Neighbour, Round, median};
@@ -75,5 +79,15 @@ async fn a_runaway_plugin_does_not_slow_another_apps_plugin() {
     for round in rounds_beside(Neighbour::Plugin).await {
         // A plugin that fails leaks nothing to the endpoint.
         assert_eq!(round.noisy_requests, 0, "{round:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_app_with_hundreds_of_slow_endpoints_does_not_slow_another_app() {
+    for round in rounds_beside(Neighbour::BusyApp).await {
+        // The busy app may hold the apps' share of the 128 slots (75%),
+        // never all of them; its 200 lanes could take every one.
+        assert!(round.noisy_at_once <= 96, "{round:?}");
+        assert!(round.noisy_at_once >= 48, "{round:?}");
     }
 }

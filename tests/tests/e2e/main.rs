@@ -8,6 +8,7 @@ mod delivery;
 mod fairness;
 mod openapi;
 mod operations;
+mod ordering;
 mod plugins;
 mod receivers;
 mod restart;
@@ -102,4 +103,26 @@ impl World {
     pub fn path(&self, rest: &str) -> String {
         format!("/v1/apps/{}{rest}", self.app)
     }
+
+    /// `n` worker-only processes on the world's database.
+    pub async fn workers(&self, n: usize) -> Vec<TestGateway> {
+        let mut workers = Vec::new();
+        for _ in 0..n {
+            let worker = self
+                .gateway
+                .another(|b| b.env("WASMHOOK_ROLE", "worker"))
+                .await;
+            workers.push(worker);
+        }
+        workers
+    }
+}
+
+/// Stops a test that needs PostgreSQL, saying how to give it one.
+pub fn require_postgres() {
+    assert!(
+        std::env::var(wasmhook_tests::TEST_POSTGRES_URL).is_ok_and(|url| !url.is_empty()),
+        "needs PostgreSQL: set {} or run scripts/test",
+        wasmhook_tests::TEST_POSTGRES_URL
+    );
 }

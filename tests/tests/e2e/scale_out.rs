@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::json;
-use wasmhook_tests::{GatewayBuilder, Reply, TEST_POSTGRES_URL, TestGateway};
+use wasmhook_tests::{GatewayBuilder, Reply, TestGateway};
 
 use crate::World;
 
@@ -21,19 +21,6 @@ const EVENTS: usize = 5_000;
 const WEBHOOKS: usize = 5;
 const PUBLISHERS: usize = 16;
 const PATIENCE: Duration = Duration::from_secs(240);
-
-/// Two worker-only processes on the world's database.
-async fn two_workers(world: &World) -> Vec<TestGateway> {
-    let mut workers = Vec::new();
-    for _ in 0..2 {
-        let worker = world
-            .gateway
-            .another(|b| b.env("WASMHOOK_ROLE", "worker"))
-            .await;
-        workers.push(worker);
-    }
-    workers
-}
 
 /// One API process (the world's gateway) and two worker processes.
 struct Cluster {
@@ -50,10 +37,7 @@ impl Cluster {
     }
 
     async fn start() -> Self {
-        assert!(
-            std::env::var(TEST_POSTGRES_URL).is_ok_and(|url| !url.is_empty()),
-            "scale-out tests need PostgreSQL: set {TEST_POSTGRES_URL} or run scripts/test"
-        );
+        crate::require_postgres();
         // The lease is long enough that only a dead worker's claims are
         // taken over, even on a loaded machine: a live worker's claim that
         // outlasted it would be sent twice, and the test would blame the
@@ -74,7 +58,7 @@ impl Cluster {
         world
             .receiver
             .always(Reply::status(200).delay(Duration::from_millis(5)));
-        let workers = two_workers(&world).await;
+        let workers = world.workers(2).await;
         Self {
             world,
             workers,
@@ -311,10 +295,7 @@ async fn failed_attempt_pairs(cluster: &Cluster) -> BTreeMap<(String, String), u
 async fn two_workers_keep_a_webhooks_in_flight_limit_together() {
     const LIMIT: usize = 3;
     const EVENTS: usize = 200;
-    assert!(
-        std::env::var(TEST_POSTGRES_URL).is_ok_and(|url| !url.is_empty()),
-        "scale-out tests need PostgreSQL: set {TEST_POSTGRES_URL} or run scripts/test"
-    );
+    crate::require_postgres();
     let builder = GatewayBuilder::default().env("WASMHOOK_LOG", "info");
     let api = builder.env("WASMHOOK_ROLE", "api").spawn().await;
     let world = World::with(api).await;
@@ -335,7 +316,7 @@ async fn two_workers_keep_a_webhooks_in_flight_limit_together() {
             }
         })
         .await;
-    let _workers = two_workers(&world).await;
+    let _workers = world.workers(2).await;
     world.wait_for(EVENTS, PATIENCE).await;
     let most = world.receiver.most_at_once();
     assert!(

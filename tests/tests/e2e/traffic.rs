@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use wasmhook_tests::{GatewayBuilder, Reply, TEST_POSTGRES_URL, TestGateway};
+use wasmhook_tests::{GatewayBuilder, Reply};
 
 use crate::{PATIENCE, World};
 
@@ -104,24 +104,13 @@ async fn a_rate_limit_holds_while_thousands_wait() {
 #[tokio::test]
 #[ignore = "needs PostgreSQL; scripts/test runs it"]
 async fn two_workers_keep_a_rate_limit_together() {
-    assert!(
-        std::env::var(TEST_POSTGRES_URL).is_ok_and(|url| !url.is_empty()),
-        "needs PostgreSQL: set {TEST_POSTGRES_URL} or run scripts/test"
-    );
+    crate::require_postgres();
     let api = GatewayBuilder::default()
         .env("WASMHOOK_ROLE", "api")
         .spawn()
         .await;
     let world = World::with(api).await;
-    let mut workers: Vec<TestGateway> = Vec::new();
-    for _ in 0..2 {
-        workers.push(
-            world
-                .gateway
-                .another(|b| b.env("WASMHOOK_ROLE", "worker"))
-                .await,
-        );
-    }
+    let workers = world.workers(2).await;
     rate_limit_holds(&world).await;
     drop(workers);
 }

@@ -12,6 +12,7 @@ use wasmhook::domain::{
 };
 
 use wasmhook::domain::lane::{self, BreakerPolicy, BreakerState, PACE_AFTER_FAILURES};
+use wasmhook::domain::share::Allotment;
 
 use crate::{Fixture, LEASE, fields, succeeded};
 
@@ -120,6 +121,7 @@ async fn webhooks_without_a_limit_take_the_servers_default() {
         limit: 10,
         lease: LEASE,
         default_max_in_flight: InFlightLimit::parse(4).unwrap(),
+        apps: Allotment::unlimited(),
     };
     assert_eq!(f.store.claim_due(request).await.unwrap().len(), 4);
 }
@@ -196,6 +198,7 @@ async fn concurrent_claimers_share_one_webhooks_limit() {
                 limit: 10,
                 lease: LEASE,
                 default_max_in_flight: InFlightLimit::parse(100).unwrap(),
+                apps: Allotment::unlimited(),
             };
             store.claim_due(request).await.expect("claim").len()
         }));

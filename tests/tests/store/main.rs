@@ -6,9 +6,11 @@
 
 mod events;
 mod lanes;
+mod ordering;
 mod queue;
 mod rates;
 mod records;
+mod share;
 mod wakes;
 mod worker;
 
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use wasmhook::clock::now_ms;
 use wasmhook::domain::lane::BreakerPolicy;
+use wasmhook::domain::share::Allotment;
 use wasmhook::domain::{
     App, AttachedPlugin, AttemptOutcome, AttemptRecord, AttemptRow, ClaimRequest, ClaimedDelivery,
     CustomHeaders, Delivery, EventId, EventType, EventTypeFilter, InFlightLimit, NewEvent,
@@ -81,6 +84,7 @@ impl Fixture {
             limit,
             lease,
             default_max_in_flight: InFlightLimit::parse(100).expect("limit"),
+            apps: Allotment::unlimited(),
         };
         self.store.claim_due(request).await.expect("claim")
     }
@@ -138,6 +142,7 @@ pub fn succeeded(claimed: &ClaimedDelivery) -> AttemptRecord {
         next: NextState::Succeeded,
         webhook: WebhookEffect::Healthy,
         throttled_until: None,
+        ordering_key: claimed.ordering_key.clone(),
         now: now_ms(),
     }
 }
@@ -170,6 +175,7 @@ pub fn new_event(app: &App, event_type: &str) -> NewEvent {
         event_type: EventType::parse(event_type).expect("event type"),
         payload: r#"{"amount":4200}"#.into(),
         idempotency_key: None,
+        ordering_key: None,
         dedup_since: now_ms() - 60_000,
     }
 }

@@ -41,6 +41,7 @@ fn record(
         next,
         webhook,
         throttled_until: None,
+        ordering_key: claimed.ordering_key.clone(),
         now: now_ms(),
     }
 }

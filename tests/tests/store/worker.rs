@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use wasmhook::delivery::{ExecutionOutcome, RetryPolicy, Sender, Worker, WorkerConfig};
-use wasmhook::domain::{AttemptOutcome, DeliveryStatus, InFlightLimit, NewPlugin};
+use wasmhook::domain::{AttemptOutcome, DeliveryStatus, InFlightLimit, NewPlugin, SharePercent};
 use wasmhook::plugin::{PluginHost, PluginLimits, Plugins};
 use wasmhook::url_safety::UrlPolicy;
 use wasmhook_tests::{Receiver, Reply, plugin_wasm, verify_signature};
@@ -29,6 +29,7 @@ fn worker(f: &Fixture) -> Arc<Worker> {
             poll_interval: Duration::from_millis(50),
             shutdown_grace: Duration::from_secs(1),
             default_max_in_flight: InFlightLimit::parse(8).expect("limit"),
+            app_share: SharePercent::parse(75).expect("share"),
         },
         wake: Arc::new(Notify::new()),
         plugins: Plugins::new(host, f.store.clone()),

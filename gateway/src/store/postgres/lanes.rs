@@ -14,7 +14,7 @@ use sqlx::postgres::PgRow;
 
 use crate::clock::{Millis, millis};
 use crate::domain::lane::{self, Batch, BreakerPolicy, Gcra, LaneState};
-use crate::domain::{AttemptRecord, ClaimRequest, ClaimToken};
+use crate::domain::{AppId, AttemptRecord, ClaimRequest, ClaimToken};
 use crate::store::StoreResult;
 use crate::store::rows::{
     CLAIMED_COLUMNS, CLAIMED_JOINS, LANE_COLUMNS, ReadRow, lane_state, stored_rate,
@@ -103,12 +103,13 @@ pub static RETRY: LazyLock<String> = LazyLock::new(|| {
 pub const NEXT_DUE: &str = "SELECT MIN(next_due_at) FROM webhook_lanes WHERE next_due_at > $1";
 
 /// claim: lanes with due work no other worker is claiming from, oldest
-/// first, locked, with what decides their limits: (now, most lanes,
-/// default limit).
+/// first, locked, with what decides their limits, but none of an app with
+/// no room ([`crate::domain::share`]): (now, most lanes, default limit,
+/// apps with no room).
 pub const DUE: &str = "SELECT l.webhook_id, l.streak, COALESCE(w.max_in_flight, $3), \
-     w.rate_limit, w.rate_limit_burst, l.rate_tat, l.breaker_open_since IS NOT NULL \
+     w.rate_limit, w.rate_limit_burst, l.rate_tat, l.breaker_open_since IS NOT NULL, w.app_id \
      FROM webhook_lanes l JOIN webhooks w ON w.id = l.webhook_id \
-     WHERE l.next_due_at IS NOT NULL AND l.next_due_at <= $1 \
+     WHERE l.next_due_at IS NOT NULL AND l.next_due_at <= $1 AND NOT (w.app_id = ANY($4::text[])) \
      ORDER BY l.next_due_at LIMIT $2 FOR UPDATE OF l SKIP LOCKED";
 
 /// claim: from the locked lanes, ending in `claimed` (the leased
@@ -264,16 +265,25 @@ pub async fn claim(
         .bind(now)
         .bind(i64::from(request.limit))
         .bind(i64::from(request.default_max_in_flight.get()))
+        .bind(request.apps.full())
         .fetch_all(&mut *c)
         .await?;
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
+    let apps: Vec<AppId> = rows.iter().map(|row| AppId::from(row.7.as_str())).collect();
+    let shares = request.apps.split(&apps.iter().collect::<Vec<_>>());
     let mut lanes = DueLanes::default();
-    for (webhook, streak, limit, per_second, burst, tat, breaker_open) in rows {
+    for ((webhook, streak, limit, per_second, burst, tat, breaker_open, _), share) in
+        rows.into_iter().zip(shares)
+    {
+        // A lane its app has no room left for stays as it is, due.
+        if share == Some(0) {
+            continue;
+        }
         let rate = per_second.map(|n| stored_rate(n, burst)).transpose()?;
         let in_flight = lane::claim_limit(streak, limit, breaker_open);
-        lanes.push(webhook, in_flight, rate.map(Gcra::new), tat, now);
+        lanes.push(webhook, in_flight, rate.map(Gcra::new), tat, share, now);
+    }
+    if lanes.webhooks.is_empty() {
+        return Ok(Vec::new());
     }
     let sql = format!("{CLAIM} SELECT {CLAIMED_COLUMNS} FROM claimed d {CLAIMED_JOINS}");
     Ok(sqlx::query(&sql)
@@ -293,7 +303,7 @@ pub async fn claim(
 }
 
 /// A row of [`DUE`]: webhook, streak, in-flight limit, rate limit, burst,
-/// rate state, breaker open.
+/// rate state, breaker open, app.
 type DueRow = (
     String,
     i64,
@@ -302,10 +312,12 @@ type DueRow = (
     Option<i64>,
     Option<i64>,
     bool,
+    String,
 );
 
 /// The locked due lanes, column by column, with what was decided for
-/// each: its in-flight limit and, if rate-limited, its [`Gcra`] allowance.
+/// each: its in-flight limit, the most it may take (its app's share of
+/// the claim, and, if rate-limited, its [`Gcra`] allowance).
 #[derive(Default)]
 struct DueLanes {
     webhooks: Vec<String>,
@@ -323,12 +335,17 @@ impl DueLanes {
         in_flight: i64,
         rate: Option<Gcra>,
         tat: Option<i64>,
+        share: Option<i64>,
         now: Millis,
     ) {
         let allowed = rate.map(|gcra| (gcra, gcra.allowance(tat, now)));
+        let rate_most = allowed.map(|(_, a)| a.most);
         self.webhooks.push(webhook);
         self.in_flight.push(in_flight);
-        self.most.push(allowed.map(|(_, a)| a.most));
+        self.most.push(match (rate_most, share) {
+            (Some(rate), Some(share)) => Some(rate.min(share)),
+            (rate, share) => rate.or(share),
+        });
         self.rate_base.push(allowed.map(|(_, a)| a.base_us));
         self.rate_interval.push(rate.map(Gcra::interval_us));
         self.hold_base

@@ -6,6 +6,7 @@
 
 mod lanes;
 mod migrate;
+mod ordering;
 
 pub use lanes::EMPTIED_LANE_RECHECK;
 
@@ -482,7 +483,11 @@ impl PostgresStore {
     // ---- events --------------------------------------------------------
 
     pub async fn publish(&self, event: NewEvent) -> StoreResult<Published> {
-        if let Some(published) = self.publish_new(&event).await? {
+        // A keyed event locks its key first (see `ordering`): the full
+        // path, in a transaction of several statements.
+        if event.ordering_key.is_none()
+            && let Some(published) = self.publish_new(&event).await?
+        {
             return Ok(published);
         }
         // A repeat, an expired idempotency key, or a webhook deleted
@@ -619,9 +624,10 @@ impl PostgresStore {
         let sql = format!(
             "WITH retried AS ( \
                  UPDATE deliveries SET status = 'pending', due_at = $1, claim_token = NULL, updated_at = $1 \
-                 WHERE app_id = $2 AND id = $3 AND status <> 'sending' RETURNING {DELIVERY_COLUMNS}), \
+                 WHERE app_id = $2 AND id = $3 AND status <> 'sending' AND {} RETURNING {DELIVERY_COLUMNS}), \
              {} \
              SELECT * FROM retried",
+            rules::RETRIABLE,
             *lanes::RETRY
         );
         let row = sqlx::query(&sql)
@@ -634,7 +640,7 @@ impl PostgresStore {
             return Ok(delivery);
         }
         match self.delivery(app_id, id).await? {
-            Some(_) => Err(StoreError::DeliveryInFlight),
+            Some(delivery) => rules::unretried(delivery),
             None => Err(StoreError::NotFound),
         }
     }
@@ -658,11 +664,13 @@ impl PostgresStore {
     /// A whole batch in a few statements and one transaction.
     pub async fn record_attempts(&self, records: Arc<Vec<AttemptRecord>>) -> StoreResult<()> {
         let mut tx = self.queue.begin().await?;
+        ordering::lock_released(&mut tx, &records).await?;
         let (current, locked) = record_deliveries(&mut tx, &records).await?;
         let current: Vec<&AttemptRecord> = records
             .iter()
             .filter(|r| current.contains(r.delivery_id.as_str()))
             .collect();
+        ordering::release_next(&mut tx, current.iter().copied(), now_ms()).await?;
         lanes::record(
             &mut tx,
             &locked,
@@ -798,18 +806,49 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Publishe
     }
     let now = now_ms();
     sqlx::query(
-        "INSERT INTO events (app_id, id, event_type, payload, idempotency_key, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO events (app_id, id, event_type, payload, idempotency_key, ordering_key, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(event.app_id.as_str())
     .bind(event.id.as_str())
     .bind(event.event_type.as_str())
     .bind(&event.payload)
     .bind(&event.idempotency_key)
+    .bind(event.ordering_key.as_ref().map(|k| k.as_str()))
     .bind(now)
     .execute(&mut *c)
     .await?;
     let deliveries = new_deliveries(c, event).await?;
+    let due = match &event.ordering_key {
+        Some(key) => {
+            let owner = (event.app_id.as_str(), event.id.as_str());
+            ordering::queue(c, &deliveries, owner, key, now).await?
+        }
+        None => {
+            queue_unordered(c, &deliveries, event, now).await?;
+            deliveries.iter().map(|d| d.webhook_id.clone()).collect()
+        }
+    };
+    sqlx::query(&lanes::WAKE)
+        .bind(now)
+        .bind(due.iter().map(WebhookId::as_str).collect::<Vec<_>>())
+        .execute(&mut *c)
+        .await?;
+    let published = Published {
+        event_id: event.id.clone(),
+        deliveries,
+        replayed: false,
+    };
+    Ok(published)
+}
+
+/// The deliveries of an event without an ordering key, due now.
+async fn queue_unordered(
+    c: &mut PgConnection,
+    deliveries: &[Queued],
+    event: &NewEvent,
+    now: Millis,
+) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO deliveries (id, app_id, event_id, webhook_id, status, due_at, created_at, updated_at) \
          SELECT d.id, $3, $4, d.webhook_id, 'pending', $5, $5, $5 \
@@ -822,22 +861,7 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Publishe
     .bind(now)
     .execute(&mut *c)
     .await?;
-    sqlx::query(&lanes::WAKE)
-        .bind(now)
-        .bind(
-            deliveries
-                .iter()
-                .map(|d| d.webhook_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut *c)
-        .await?;
-    let published = Published {
-        event_id: event.id.clone(),
-        deliveries,
-        replayed: false,
-    };
-    Ok(published)
+    Ok(())
 }
 
 /// One new delivery per subscribed, enabled webhook of the event's app.

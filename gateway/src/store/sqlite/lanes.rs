@@ -11,9 +11,9 @@ use rusqlite::{Connection, params};
 use super::{collect, first};
 use crate::clock::{Millis, millis};
 use crate::domain::lane::{self, Batch, BreakerPolicy, ClaimEnd, Gcra};
-use crate::domain::{AttemptRecord, ClaimRequest, ClaimToken, WebhookId};
-use crate::store::StoreResult;
+use crate::domain::{AppId, AttemptRecord, ClaimRequest, ClaimToken, WebhookId};
 use crate::store::rows::{LANE_COLUMNS, ReadRow, lane_state, stored_rate};
+use crate::store::{StoreError, StoreResult};
 
 /// create: a new webhook's lane, idle: (webhook).
 pub const CREATE: &str = "INSERT INTO webhook_lanes (webhook_id) VALUES (?)";
@@ -27,11 +27,13 @@ pub static WAKE: LazyLock<String> = LazyLock::new(|| {
     )
 });
 /// claim: lanes with due work, oldest first, with what decides their
-/// limits: (default limit, now, most lanes).
+/// limits, but none of an app with no room ([`crate::domain::share`]):
+/// (default limit, now, most lanes, apps with no room as a JSON array).
 pub const DUE: &str = "SELECT l.webhook_id, l.streak, COALESCE(w.max_in_flight, ?1) AS max_in_flight, \
-     w.rate_limit, w.rate_limit_burst, l.rate_tat, l.breaker_open_since IS NOT NULL AS breaker_open \
+     w.rate_limit, w.rate_limit_burst, l.rate_tat, l.breaker_open_since IS NOT NULL AS breaker_open, w.app_id \
      FROM webhook_lanes l JOIN webhooks w ON w.id = l.webhook_id \
-     WHERE l.next_due_at IS NOT NULL AND l.next_due_at <= ?2 ORDER BY l.next_due_at LIMIT ?3";
+     WHERE l.next_due_at IS NOT NULL AND l.next_due_at <= ?2 \
+     AND w.app_id NOT IN (SELECT value FROM json_each(?4)) ORDER BY l.next_due_at LIMIT ?3";
 /// The next time a lane becomes due after now: (now).
 pub const NEXT_DUE: &str = "SELECT MIN(next_due_at) FROM webhook_lanes WHERE next_due_at > ?1";
 /// claim: a lane's attempts in flight under a live lease: (webhook, now).
@@ -112,18 +114,32 @@ pub fn wake<'a>(
 }
 
 /// claim: walks the lanes with due work, oldest first, taking from each as
-/// many due deliveries as its limit leaves room for, until the request's
-/// limit; returns the ids taken.
+/// many due deliveries as its limit and its app's room leave room for,
+/// until the request's limit; returns the ids taken.
 pub fn claim(c: &Connection, request: &ClaimRequest, now: Millis) -> StoreResult<Vec<String>> {
     let limit = request.limit as usize;
     let default_max = request.default_max_in_flight.get();
-    let lanes = collect(c, DUE, params![default_max, now, request.limit], due_lane)?;
+    let full = serde_json::to_string(&request.apps.full())
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let lanes = collect(
+        c,
+        DUE,
+        params![default_max, now, request.limit, full],
+        due_lane,
+    )?;
     let (lease_end, token) = (now + millis(request.lease), ClaimToken::new());
     let mut ids: Vec<String> = Vec::new();
-    for due in lanes {
+    let shares = request
+        .apps
+        .split(&lanes.iter().map(|due| &due.app).collect::<Vec<_>>());
+    for (due, share) in lanes.iter().zip(shares) {
         let left = limit - ids.len();
         if left == 0 {
             break;
+        }
+        // A lane its app has no room left for stays as it is, due.
+        if share == Some(0) {
+            continue;
         }
         let live: i64 = c
             .prepare_cached(LIVE)?
@@ -132,7 +148,8 @@ pub fn claim(c: &Connection, request: &ClaimRequest, now: Millis) -> StoreResult
         let rate = due.rate.map(|(gcra, tat)| (gcra, gcra.allowance(tat, now)));
         let most = room
             .min(left as i64)
-            .min(rate.map_or(i64::MAX, |(_, allowed)| allowed.most));
+            .min(rate.map_or(i64::MAX, |(_, allowed)| allowed.most))
+            .min(share.unwrap_or(i64::MAX));
         let taken: Vec<String> = if most > 0 {
             let params = params![lease_end, token.as_str(), now, due.webhook, most];
             collect(c, TAKE, params, |r| r.value("id"))?
@@ -159,6 +176,7 @@ pub fn claim(c: &Connection, request: &ClaimRequest, now: Millis) -> StoreResult
 /// A row of [`DUE`]: a lane with its limits.
 struct DueLane {
     webhook: String,
+    app: AppId,
     in_flight: i64,
     /// The rate limit with the lane's rate state, if limited.
     rate: Option<(Gcra, Option<i64>)>,
@@ -178,6 +196,7 @@ fn due_lane(r: &rusqlite::Row<'_>) -> StoreResult<DueLane> {
     let breaker_open: bool = r.value("breaker_open")?;
     Ok(DueLane {
         webhook: r.value("webhook_id")?,
+        app: AppId::from(r.value::<String>("app_id")?),
         in_flight: lane::claim_limit(r.value("streak")?, r.value("max_in_flight")?, breaker_open),
         rate,
     })

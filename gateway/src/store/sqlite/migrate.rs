@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../../migrations/sqlite/0005_lane_streaks.sql"),
     include_str!("../../../../migrations/sqlite/0006_rate_limits.sql"),
     include_str!("../../../../migrations/sqlite/0007_breakers.sql"),
+    include_str!("../../../../migrations/sqlite/0008_ordering.sql"),
 ];
 
 pub fn run(connection: &mut Connection) -> StoreResult<()> {

@@ -4,6 +4,7 @@
 mod connection;
 mod lanes;
 mod migrate;
+mod ordering;
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use super::rules::{self, KeySeen};
 use super::{StoreError, StoreResult, found};
 use crate::clock::{Millis, now_ms};
 use crate::domain::lane::{BreakerPolicy, LaneState};
+use crate::domain::ordering::OrderingKey;
 use crate::domain::{
     App, AppId, Attempt, AttemptId, AttemptRecord, ClaimRequest, ClaimedDelivery, Delivery,
     DeliveryId, DeliveryStatus, Event, EventId, HeldClaim, InFlightLimit, KeyId, NewEvent,
@@ -526,14 +528,15 @@ impl SqliteStore {
             .write(move |c| {
                 let now = now_ms();
                 let changed = c
-                    .prepare_cached(
+                    .prepare_cached(&format!(
                         "UPDATE deliveries SET status = 'pending', due_at = ?, claim_token = NULL, updated_at = ? \
-                         WHERE app_id = ? AND id = ? AND status <> 'sending'",
-                    )?
+                         WHERE app_id = ? AND id = ? AND status <> 'sending' AND {}",
+                        rules::RETRIABLE
+                    ))?
                     .execute(params![now, now, app_id.as_str(), id.as_str()])?;
                 let delivery = delivery_by_id(c, &app_id, &id)?.ok_or(StoreError::NotFound)?;
                 if changed == 0 {
-                    return Err(StoreError::DeliveryInFlight);
+                    return rules::unretried(delivery);
                 }
                 lanes::wake(c, now, [delivery.webhook_id.as_str()])?;
                 Ok(delivery)
@@ -573,7 +576,9 @@ impl SqliteStore {
                         applied.push(record);
                     }
                 }
-                lanes::record(c, applied, now_ms(), &breaker)
+                let now = now_ms();
+                ordering::release_next(c, applied.iter().copied(), now)?;
+                lanes::record(c, applied, now, &breaker)
             })
             .await
     }
@@ -686,31 +691,52 @@ fn publish(c: &Connection, event: &NewEvent) -> StoreResult<Published> {
         });
     }
     let now = now_ms();
+    let key = event.ordering_key.as_ref();
     c.prepare_cached(
-        "INSERT INTO events (app_id, id, event_type, payload, idempotency_key, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO events (app_id, id, event_type, payload, idempotency_key, ordering_key, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
     )?
-    .execute(params![app_id, event.id.as_str(), event.event_type.as_str(), event.payload, event.idempotency_key, now])?;
+    .execute(params![
+        app_id,
+        event.id.as_str(),
+        event.event_type.as_str(),
+        event.payload,
+        event.idempotency_key,
+        key.map(OrderingKey::as_str),
+        now
+    ])?;
     let mut insert = c.prepare_cached(
-        "INSERT INTO deliveries (id, app_id, event_id, webhook_id, status, due_at, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+        "INSERT INTO deliveries (id, app_id, event_id, webhook_id, status, due_at, created_at, updated_at, \
+         ordering_key, ordering_seq) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
     )?;
     let webhooks = collect(c, SUBSCRIBED_SQL, [app_id], |r| rows::subscription(r))?;
     let subscribed = rules::subscribed(webhooks, event.event_type.as_str());
-    lanes::wake(c, now, subscribed.iter().map(WebhookId::as_str))?;
+    let mut due = Vec::with_capacity(subscribed.len());
     let mut deliveries = Vec::new();
     for webhook_id in subscribed {
         let id = DeliveryId::new();
+        let place = match key {
+            Some(key) => Some(ordering::place(c, webhook_id.as_str(), key, now)?),
+            None => None,
+        };
+        let due_at = place.map_or(Some(now), |p| p.due_at);
         insert.execute(params![
             id.as_str(),
             app_id,
             event.id.as_str(),
             webhook_id.as_str(),
+            due_at,
             now,
             now,
-            now
+            key.map(OrderingKey::as_str),
+            place.map(|p| p.seq)
         ])?;
+        if due_at.is_some() {
+            due.push(webhook_id.clone());
+        }
         deliveries.push(Queued { id, webhook_id });
     }
+    lanes::wake(c, now, due.iter().map(WebhookId::as_str))?;
     Ok(Published {
         event_id: event.id.clone(),
         deliveries,
@@ -902,12 +928,14 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::domain::share::Allotment;
 
     fn request() -> ClaimRequest {
         ClaimRequest {
             limit: 10,
             lease: Duration::from_secs(30),
             default_max_in_flight: InFlightLimit::parse(8).unwrap(),
+            apps: Allotment::unlimited(),
         }
     }
 
@@ -986,6 +1014,7 @@ mod tests {
                 event_type: crate::domain::EventType::parse("a.b").unwrap(),
                 payload: "{}".into(),
                 idempotency_key: None,
+                ordering_key: None,
                 dedup_since: 0,
             };
             store.publish(event).await.unwrap();

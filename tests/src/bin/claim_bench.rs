@@ -4,18 +4,24 @@
 //! through the gateway's store, giving each batch back so the depth stays
 //! N. With `--keys K`, every delivery carries one of K ordering keys and
 //! only the first of each (webhook, key) is due, the rest waiting behind
-//! it, as ordered delivery queues them. Prints the plan of the claim's
+//! it, as ordered delivery queues them. With `--apps A`, the webhooks
+//! belong to A apps, and each claim is made as a busy worker makes it:
+//! 64 of the apps hold slots, at their fair share, so the claim skips
+//! their lanes. Prints the plan of the claim's
 //! lane walk, and fails unless it uses
 //! the `webhook_lanes_due` index: with a deep queue a sequential scan and
 //! sort would make every claim slower.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use wasmhook::clock::now_ms;
-use wasmhook::domain::share::Allotment;
-use wasmhook::domain::{ClaimRequest, EventId, EventType, InFlightLimit, NewEvent};
+use wasmhook::domain::share::{Allotment, FairShare};
+use wasmhook::domain::{
+    AppId, ClaimRequest, EventId, EventType, InFlightLimit, NewEvent, SharePercent,
+};
 use wasmhook::store::{Store, StoreOptions};
 use wasmhook_tests::Workspace;
 
@@ -40,6 +46,9 @@ struct Args {
     /// Ordering keys the deliveries are spread over (0: none).
     #[arg(long, default_value_t = 0)]
     keys: usize,
+    /// Apps the webhooks are spread over (1: all in one, no fair share).
+    #[arg(long, default_value_t = 1)]
+    apps: usize,
 }
 
 /// The claim's walk of the lanes with due work, as both backends run it.
@@ -58,7 +67,13 @@ async fn main() -> anyhow::Result<()> {
             store.backend()
         );
         let fill = Instant::now();
-        fill_queue(&store, &workspace, pending, webhooks, args.keys).await?;
+        let shape = Shape {
+            pending,
+            webhooks,
+            keys: args.keys,
+            apps: args.apps.clamp(1, webhooks),
+        };
+        fill_queue(&store, &workspace, &shape).await?;
         println!("  filled in {:.1?}", fill.elapsed());
         let plan = claim_plan(&workspace).await?;
         println!("  claim plan: {}", plan.join(" / "));
@@ -77,7 +92,7 @@ async fn measure(store: &Store, args: &Args) -> anyhow::Result<()> {
         lease: Duration::from_secs(60),
         default_max_in_flight: InFlightLimit::parse(args.max_in_flight)
             .map_err(anyhow::Error::msg)?,
-        apps: Allotment::unlimited(),
+        apps: allotment(args.apps),
     };
     let mut samples = Vec::with_capacity(args.samples);
     for _ in 0..args.samples {
@@ -104,13 +119,13 @@ async fn measure(store: &Store, args: &Args) -> anyhow::Result<()> {
 /// One app and event through the store; then `webhooks` webhooks with
 /// their lanes and `pending` delivery rows spread over them, written in
 /// bulk behind the store's back.
-async fn fill_queue(
-    store: &Store,
-    workspace: &Workspace,
-    pending: usize,
-    webhooks: usize,
-    keys: usize,
-) -> anyhow::Result<()> {
+async fn fill_queue(store: &Store, workspace: &Workspace, shape: &Shape) -> anyhow::Result<()> {
+    let &Shape {
+        pending,
+        webhooks,
+        keys,
+        apps,
+    } = shape;
     let app = store.create_app("bench", None).await?;
     let event = store
         .publish(NewEvent {
@@ -152,12 +167,25 @@ async fn fill_queue(
             "g",
         )
     };
+    // Webhook g belongs to app g mod A (with one app, the store's own).
+    let owner = if apps > 1 {
+        format!("'app_bench_' || (1 + g % {apps})")
+    } else {
+        format!("'{app}'")
+    };
     let statements = [
+        rows(
+            apps,
+            &format!(
+                "INSERT INTO apps (id, name, created_at, updated_at) \
+                 SELECT 'app_bench_' || g, 'bench', {now}, {now}"
+            ),
+        ),
         rows(
             webhooks,
             &format!(
                 "INSERT INTO webhooks (id, app_id, url, description, enabled, headers, raw_payload, secret, \
-                 created_at, updated_at) SELECT 'wh_bench_' || g, '{app}', 'http://127.0.0.1:9/bench', '', \
+                 created_at, updated_at) SELECT 'wh_bench_' || g, {owner}, 'http://127.0.0.1:9/bench', '', \
                  TRUE, '{{}}', FALSE, 'whsec_bench', {now}, {now}"
             ),
         ),
@@ -185,6 +213,27 @@ fn lcm(a: usize, b: usize) -> usize {
         if b == 0 { a } else { gcd(b, a % b) }
     }
     a / gcd(a, b) * b
+}
+
+/// What the queue is filled with.
+struct Shape {
+    pending: usize,
+    webhooks: usize,
+    keys: usize,
+    apps: usize,
+}
+
+/// A busy worker's claim with `apps` apps: 64 of them hold two of 128
+/// slots each, above their fair share, so the claim skips them.
+fn allotment(apps: usize) -> Allotment {
+    if apps <= 1 {
+        return Allotment::unlimited();
+    }
+    let share = FairShare::new(128, SharePercent::parse(75).expect("share"));
+    let held: HashMap<AppId, u32> = (1..=apps.min(64))
+        .map(|n| (AppId::from(format!("app_bench_{n}")), 2))
+        .collect();
+    share.allot(&held)
 }
 
 async fn execute(workspace: &Workspace, sql: &str) -> anyhow::Result<()> {

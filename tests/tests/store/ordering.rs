@@ -139,3 +139,29 @@ async fn a_lost_claims_record_does_not_release_the_key() {
     record(&f, vec![succeeded(&taken_over[0])]).await;
     assert_eq!(events(&f.claim(10).await), vec![second]);
 }
+
+#[tokio::test]
+async fn a_repeated_keyed_event_queues_nothing_more() {
+    let f = Fixture::new().await;
+    let app = f.app("A").await;
+    f.webhook(&app, fields("https://example.com/ordered")).await;
+    let mut event = new_event(&app, "order.tick");
+    event.ordering_key = Some(OrderingKey::parse("k").unwrap());
+    let first = f.store.publish(event.clone()).await.unwrap();
+    let again = f.store.publish(event).await.unwrap();
+    assert!(!first.replayed && again.replayed);
+    assert_eq!(again.event_id, first.event_id);
+    let deliveries = f
+        .store
+        .event_deliveries(&app.id, &first.event_id)
+        .await
+        .unwrap();
+    assert_eq!(deliveries.len(), 1);
+    let shown = f
+        .store
+        .event(&app.id, &first.event_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(shown.ordering_key.as_deref(), Some("k"));
+}

@@ -483,11 +483,7 @@ impl PostgresStore {
     // ---- events --------------------------------------------------------
 
     pub async fn publish(&self, event: NewEvent) -> StoreResult<Published> {
-        // A keyed event locks its key first (see `ordering`): the full
-        // path, in a transaction of several statements.
-        if event.ordering_key.is_none()
-            && let Some(published) = self.publish_new(&event).await?
-        {
+        if let Some(published) = self.publish_new(&event).await? {
             return Ok(published);
         }
         // A repeat, an expired idempotency key, or a webhook deleted
@@ -519,7 +515,38 @@ impl PostgresStore {
     async fn publish_new(&self, event: &NewEvent) -> StoreResult<Option<Published>> {
         let mut c = self.pool.acquire().await?;
         let deliveries = new_deliveries(&mut c, event).await?;
-        let inserted = sqlx::query_scalar::<_, i64>(&PUBLISH_SQL)
+        let inserted = match &event.ordering_key {
+            // With no delivery, a keyed event's count cannot tell a repeat.
+            Some(_) if deliveries.is_empty() => return Ok(None),
+            Some(key) => {
+                let queued =
+                    ordering::publish(&mut c, event, key, &deliveries, (now_ms(), false)).await;
+                queued.map(|n| i64::from(n > 0))
+            }
+            None => self.publish_unordered(&mut c, event, &deliveries).await,
+        };
+        drop(c);
+        match inserted {
+            Ok(1) => Ok(Some(Published {
+                event_id: event.id.clone(),
+                deliveries,
+                replayed: false,
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if is_code(&e, FOREIGN_KEY_VIOLATION) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The one statement of [`Self::publish_new`] for an event without
+    /// an ordering key: 1 if it went in.
+    async fn publish_unordered(
+        &self,
+        c: &mut PgConnection,
+        event: &NewEvent,
+        deliveries: &[Queued],
+    ) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar::<_, i64>(&PUBLISH_SQL)
             .bind(event.app_id.as_str())
             .bind(event.id.as_str())
             .bind(event.event_type.as_str())
@@ -534,18 +561,7 @@ impl PostgresStore {
                     .collect::<Vec<_>>(),
             )
             .fetch_one(&mut *c)
-            .await;
-        drop(c);
-        match inserted {
-            Ok(1) => Ok(Some(Published {
-                event_id: event.id.clone(),
-                deliveries,
-                replayed: false,
-            })),
-            Ok(_) => Ok(None),
-            Err(e) if is_code(&e, FOREIGN_KEY_VIOLATION) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+            .await
     }
 
     pub async fn event(&self, app_id: &AppId, id: &EventId) -> StoreResult<Option<Event>> {
@@ -805,33 +821,36 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Publishe
         return Ok(published);
     }
     let now = now_ms();
+    let deliveries = new_deliveries(c, event).await?;
+    if let Some(key) = &event.ordering_key {
+        ordering::publish(c, event, key, &deliveries, (now, true)).await?;
+        return Ok(Published {
+            event_id: event.id.clone(),
+            deliveries,
+            replayed: false,
+        });
+    }
     sqlx::query(
-        "INSERT INTO events (app_id, id, event_type, payload, idempotency_key, ordering_key, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO events (app_id, id, event_type, payload, idempotency_key, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(event.app_id.as_str())
     .bind(event.id.as_str())
     .bind(event.event_type.as_str())
     .bind(&event.payload)
     .bind(&event.idempotency_key)
-    .bind(event.ordering_key.as_ref().map(|k| k.as_str()))
     .bind(now)
     .execute(&mut *c)
     .await?;
-    let deliveries = new_deliveries(c, event).await?;
-    let due = match &event.ordering_key {
-        Some(key) => {
-            let owner = (event.app_id.as_str(), event.id.as_str());
-            ordering::queue(c, &deliveries, owner, key, now).await?
-        }
-        None => {
-            queue_unordered(c, &deliveries, event, now).await?;
-            deliveries.iter().map(|d| d.webhook_id.clone()).collect()
-        }
-    };
+    queue_unordered(c, &deliveries, event, now).await?;
     sqlx::query(&lanes::WAKE)
         .bind(now)
-        .bind(due.iter().map(WebhookId::as_str).collect::<Vec<_>>())
+        .bind(
+            deliveries
+                .iter()
+                .map(|d| d.webhook_id.as_str())
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *c)
         .await?;
     let published = Published {

@@ -211,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         (gateway, first_publish)
     };
-    wait_for_receipts(&receiver, expected).await?;
+    wait_for_receipts(&gateway, &receiver, expected).await?;
     let last_receipt = receiver
         .received()
         .iter()
@@ -562,15 +562,42 @@ fn report_duplicates(receiver: &Receiver, expected: usize) {
     );
 }
 
-async fn wait_for_receipts(receiver: &Receiver, expected: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(900);
+/// Waits for `expected` receipts; gives up, with the queue's state from
+/// the gateway's metrics, once none has arrived for 30 s.
+async fn wait_for_receipts(
+    gateway: &TestGateway,
+    receiver: &Receiver,
+    expected: usize,
+) -> anyhow::Result<()> {
+    const STALL: Duration = Duration::from_secs(30);
+    let mut last = (receiver.count(), Instant::now());
     while receiver.count() < expected {
-        if Instant::now() > deadline {
-            bail!("only {} of {expected} deliveries arrived", receiver.count());
+        let got = receiver.count();
+        if got > last.0 {
+            last = (got, Instant::now());
+        }
+        if last.1.elapsed() > STALL {
+            bail!(
+                "only {got} of {expected} deliveries arrived, none in the last {STALL:?}; queue: {}",
+                queue_state(gateway).await
+            );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(())
+}
+
+/// The queue's gauges from the gateway's metrics, on one line.
+async fn queue_state(gateway: &TestGateway) -> String {
+    let url = format!("{}/metrics", gateway.base_url);
+    let Ok(response) = gateway.client.get(url).send().await else {
+        return "metrics unreachable".into();
+    };
+    let page = response.text().await.unwrap_or_default();
+    page.lines()
+        .filter(|line| line.starts_with("wasmhook_queue_") || line.starts_with("wasmhook_breakers"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// CPU time (user + system) a process has used so far, from /proc: less

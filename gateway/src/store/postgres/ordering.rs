@@ -47,14 +47,17 @@ pub static PUBLISH: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// record: the delivery after each ended one in its key's order becomes
-/// due, if it is waiting: (now, the ended deliveries).
-pub const NEXT: &str = "UPDATE deliveries d SET due_at = $1 FROM ( \
-         SELECT (SELECT n.id FROM deliveries h JOIN deliveries n \
-                 ON n.webhook_id = h.webhook_id AND n.ordering_key = h.ordering_key \
-                 AND n.ordering_seq > h.ordering_seq \
-                 WHERE h.id = e.id ORDER BY n.ordering_seq LIMIT 1) AS id \
-         FROM UNNEST($2::text[]) AS e(id)) next \
-     WHERE d.id = next.id AND d.status = 'pending' AND d.due_at IS NULL";
+/// due, if it is waiting: (now, the ended deliveries). Each next one is
+/// one step of the index on (webhook, key, place); found by a join with
+/// the ended ones instead, each took a sort of every later one of its
+/// key (0.9 against 3.5 ms for 30, 20 per key).
+pub const NEXT: &str = "UPDATE deliveries d SET due_at = $1 WHERE d.id = ANY(ARRAY( \
+         SELECT next.id FROM deliveries h CROSS JOIN LATERAL ( \
+             SELECT n.id FROM deliveries n \
+             WHERE n.webhook_id = h.webhook_id AND n.ordering_key = h.ordering_key \
+             AND n.ordering_seq > h.ordering_seq ORDER BY n.ordering_seq LIMIT 1) next \
+         WHERE h.id = ANY($2::text[]))) \
+     AND d.status = 'pending' AND d.due_at IS NULL";
 
 /// publish: stores a keyed event with its deliveries ([`PUBLISH`]);
 /// returns how many deliveries it queued, 0 for a repeat, which `strict`

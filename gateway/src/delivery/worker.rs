@@ -9,8 +9,9 @@
 //! unrecorded (a task cancelled at shutdown, or one that panicked) gives
 //! the delivery back to the queue. The ledger also counts the slots each
 //! app holds, so each claim takes no more of an app's deliveries than its
-//! fair share of the slots allows ([`crate::domain::share`]). [`Worker::try_execute_batch`] is one
-//! whole step (claim, attempt, record) for tests to drive without polling.
+//! fair share of the slots allows ([`crate::domain::share`]).
+//! [`Worker::try_execute_batch`] is one whole step (claim, attempt,
+//! record) for tests to drive without polling.
 //!
 //! Now and then it sweeps the queue for lanes left idle with work due
 //! (see [`Store::wake_stranded_lanes`]).

@@ -553,13 +553,8 @@ impl PostgresStore {
             .bind(&event.payload)
             .bind(&event.idempotency_key)
             .bind(now_ms())
-            .bind(deliveries.iter().map(|d| d.id.as_str()).collect::<Vec<_>>())
-            .bind(
-                deliveries
-                    .iter()
-                    .map(|d| d.webhook_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
+            .bind(delivery_ids(deliveries))
+            .bind(webhook_ids(deliveries))
             .fetch_one(&mut *c)
             .await
     }
@@ -845,12 +840,7 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Publishe
     queue_unordered(c, &deliveries, event, now).await?;
     sqlx::query(&lanes::WAKE)
         .bind(now)
-        .bind(
-            deliveries
-                .iter()
-                .map(|d| d.webhook_id.as_str())
-                .collect::<Vec<_>>(),
-        )
+        .bind(webhook_ids(&deliveries))
         .execute(&mut *c)
         .await?;
     let published = Published {
@@ -873,14 +863,24 @@ async fn queue_unordered(
          SELECT d.id, $3, $4, d.webhook_id, 'pending', $5, $5, $5 \
          FROM UNNEST($1::text[], $2::text[]) AS d(id, webhook_id)",
     )
-    .bind(deliveries.iter().map(|d| d.id.as_str()).collect::<Vec<_>>())
-    .bind(deliveries.iter().map(|d| d.webhook_id.as_str()).collect::<Vec<_>>())
+    .bind(delivery_ids(deliveries))
+    .bind(webhook_ids(deliveries))
     .bind(event.app_id.as_str())
     .bind(event.id.as_str())
     .bind(now)
     .execute(&mut *c)
     .await?;
     Ok(())
+}
+
+/// The ids of queued deliveries, as an array to bind.
+fn delivery_ids(deliveries: &[Queued]) -> Vec<&str> {
+    deliveries.iter().map(|d| d.id.as_str()).collect()
+}
+
+/// The webhooks of queued deliveries, as an array to bind.
+fn webhook_ids(deliveries: &[Queued]) -> Vec<&str> {
+    deliveries.iter().map(|d| d.webhook_id.as_str()).collect()
 }
 
 /// One new delivery per subscribed, enabled webhook of the event's app.

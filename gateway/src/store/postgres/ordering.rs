@@ -76,13 +76,8 @@ pub async fn publish(
         .bind(&event.payload)
         .bind(&event.idempotency_key)
         .bind(now)
-        .bind(deliveries.iter().map(|d| d.id.as_str()).collect::<Vec<_>>())
-        .bind(
-            deliveries
-                .iter()
-                .map(|d| d.webhook_id.as_str())
-                .collect::<Vec<_>>(),
-        )
+        .bind(super::delivery_ids(deliveries))
+        .bind(super::webhook_ids(deliveries))
         .bind(key.as_str())
         .bind(strict)
         .fetch_one(&mut *c)

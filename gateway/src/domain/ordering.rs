@@ -37,14 +37,12 @@
 //!
 //! # Cost
 //!
-//! On PostgreSQL a record waits for any publish of one of its keys to
-//! commit (the key's lock is held through the publish's flush), and a
-//! keyed publish runs a PL/pgSQL function: in `scripts/bench-pairs`, one
-//! webhook and 1,000 keys delivered at 0.5-0.8 of the unkeyed rate
-//! (SQLite, whose one writer serialises everything anyway: 0.94). The
-//! next step: records try their keys' locks (`pg_try_advisory_xact_lock`)
-//! and leave the records of a key a publish holds to the next batch, so
-//! a record never waits and still never ends a head without the lock.
+//! A key's next delivery becomes due only once its head's record has
+//! committed; a record waits for any publish of one of its keys to commit
+//! (the key's lock is held through the publish's flush); a keyed publish
+//! runs a PL/pgSQL function. On PostgreSQL, one webhook and 1,000 keys
+//! delivered at 0.5-0.8 of the unkeyed rate in `scripts/bench-pairs`
+//! (SQLite: 0.94); which of these costs most is not yet measured.
 //! 4. **Crash-safe.** Each of those is one transaction: a process killed
 //!    mid-way leaves the key as it was, and an expired lease gives the
 //!    head back to the queue like any other delivery.

@@ -523,7 +523,7 @@ impl PostgresStore {
                     ordering::publish(&mut c, event, key, &deliveries, (now_ms(), false)).await;
                 queued.map(|n| i64::from(n > 0))
             }
-            None => self.publish_unordered(&mut c, event, &deliveries).await,
+            None => publish_unordered(&mut c, event, &deliveries).await,
         };
         drop(c);
         match inserted {
@@ -536,27 +536,6 @@ impl PostgresStore {
             Err(e) if is_code(&e, FOREIGN_KEY_VIOLATION) => Ok(None),
             Err(e) => Err(e.into()),
         }
-    }
-
-    /// The one statement of [`Self::publish_new`] for an event without
-    /// an ordering key: 1 if it went in.
-    async fn publish_unordered(
-        &self,
-        c: &mut PgConnection,
-        event: &NewEvent,
-        deliveries: &[Queued],
-    ) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar::<_, i64>(&PUBLISH_SQL)
-            .bind(event.app_id.as_str())
-            .bind(event.id.as_str())
-            .bind(event.event_type.as_str())
-            .bind(&event.payload)
-            .bind(&event.idempotency_key)
-            .bind(now_ms())
-            .bind(delivery_ids(deliveries))
-            .bind(webhook_ids(deliveries))
-            .fetch_one(&mut *c)
-            .await
     }
 
     pub async fn event(&self, app_id: &AppId, id: &EventId) -> StoreResult<Option<Event>> {
@@ -849,6 +828,26 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Publishe
         replayed: false,
     };
     Ok(published)
+}
+
+/// The one statement of [`PostgresStore::publish_new`] for an event
+/// without an ordering key: 1 if it went in.
+async fn publish_unordered(
+    c: &mut PgConnection,
+    event: &NewEvent,
+    deliveries: &[Queued],
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar::<_, i64>(&PUBLISH_SQL)
+        .bind(event.app_id.as_str())
+        .bind(event.id.as_str())
+        .bind(event.event_type.as_str())
+        .bind(&event.payload)
+        .bind(&event.idempotency_key)
+        .bind(now_ms())
+        .bind(delivery_ids(deliveries))
+        .bind(webhook_ids(deliveries))
+        .fetch_one(&mut *c)
+        .await
 }
 
 /// The deliveries of an event without an ordering key, due now.

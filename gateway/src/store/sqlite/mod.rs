@@ -712,7 +712,7 @@ fn publish(c: &Connection, event: &NewEvent) -> StoreResult<Published> {
     let webhooks = collect(c, SUBSCRIBED_SQL, [app_id], |r| rows::subscription(r))?;
     let subscribed = rules::subscribed(webhooks, event.event_type.as_str());
     let mut due = Vec::with_capacity(subscribed.len());
-    let mut deliveries = Vec::new();
+    let mut deliveries = Vec::with_capacity(subscribed.len());
     for webhook_id in subscribed {
         let id = DeliveryId::new();
         let place = match key {
@@ -731,12 +731,11 @@ fn publish(c: &Connection, event: &NewEvent) -> StoreResult<Published> {
             key.map(OrderingKey::as_str),
             place.map(|p| p.seq)
         ])?;
-        if due_at.is_some() {
-            due.push(webhook_id.clone());
-        }
+        due.push(due_at.is_some());
         deliveries.push(Queued { id, webhook_id });
     }
-    lanes::wake(c, now, due.iter().map(WebhookId::as_str))?;
+    let woken = deliveries.iter().zip(&due).filter(|(_, due)| **due);
+    lanes::wake(c, now, woken.map(|(d, _)| d.webhook_id.as_str()))?;
     Ok(Published {
         event_id: event.id.clone(),
         deliveries,

@@ -48,10 +48,10 @@ pub fn release_next<'a>(
     applied: impl IntoIterator<Item = &'a AttemptRecord>,
     now: Millis,
 ) -> StoreResult<()> {
-    let mut next = c.prepare_cached(NEXT)?;
     for record in applied {
         if record.ordering_key.is_some() && ordering::ends(&record.next) {
-            next.execute(params![now, record.delivery_id.as_str()])?;
+            c.prepare_cached(NEXT)?
+                .execute(params![now, record.delivery_id.as_str()])?;
         }
     }
     Ok(())

@@ -13,8 +13,8 @@
 //!
 //! | transition | effect | statement (PostgreSQL / SQLite, the `ordering` module of each) |
 //! |------------|--------|------------------|
-//! | publish    | each delivery of a keyed event takes the next place of its (webhook, key) (`ordering_seq`) and is due now if no delivery of the key is unfinished there, waiting otherwise ([`Place`]) | `PUBLISH` (the function `wasmhook_publish_keyed`: the locks, then the places) / `LAST` per webhook |
-//! | record     | a head that ended (succeeded, dead, skipped) makes the next waiting delivery of its key due now; a head that will be retried keeps it waiting | `LOCK` before the record, `NEXT` after it, in its transaction / `NEXT` |
+//! | publish    | each delivery of a keyed event takes the next place of its (webhook, key) (`ordering_seq`) and is due now if no delivery of the key is unfinished there, waiting otherwise ([`Place`]) | the publish statement upserts the key's row (`ordering_keys`): due if every earlier place has ended / `LAST` per webhook |
+//! | record     | a head that ended (succeeded, dead, skipped) makes the next waiting delivery of its key due now; a head that will be retried keeps it waiting | `RECORD_CTES` in the record's statement (and `RELEASE_STRANDED` after it, rarely) / `NEXT` |
 //! | retry      | a manual retry of a waiting delivery leaves it waiting for its turn; of an ended one, it is sent again outside the order (the operator asked for it) | – |
 //!
 //! # Invariants
@@ -24,33 +24,32 @@
 //!    only if every earlier one of its key has ended; an ended delivery
 //!    does not come back unless an operator retries it.
 //! 2. **No waiting delivery is stranded.** A publish deciding that a
-//!    delivery waits, and a record ending the head it waits for, hold the
-//!    key's lock (PostgreSQL: a transaction-level advisory lock per
-//!    (webhook, key); SQLite: the one writer) and read the queue after
-//!    taking it, so whichever comes second sees what the first wrote: the
-//!    record finds the delivery that waits, or the publish finds the head
-//!    ended. The record's transaction also writes the lane (due now: a
-//!    slot came free), so the new head is claimed like any due delivery.
-//! 3. **Lock order: keys, then lanes.** Publishes and records take the
-//!    keys' locks first, in the order of their lock ids, then lanes'
-//!    (invariant 4 of [`super::lane`]); claims take no key lock.
+//!    delivery waits, and a record ending the head it waits for, are
+//!    serialised per (webhook, key) (PostgreSQL: the key's row, locked by
+//!    both until they commit and read at its latest version; SQLite: the
+//!    one writer), so whichever comes second sees what the first wrote:
+//!    the record finds the delivery that waits, or the publish finds the
+//!    head ended. The record's transaction also writes the lane (due now:
+//!    a slot came free), so the new head is claimed like any due
+//!    delivery.
+//! 3. **Lock order: keys, then lanes.** Publishes and records lock keys
+//!    first, in (webhook, key) order, then lanes (invariant 4 of
+//!    [`super::lane`]); claims take no key lock.
+//! 4. **Crash-safe.** Each of those is one transaction: a process killed
+//!    mid-way leaves the key as it was, and an expired lease gives the
+//!    head back to the queue like any other delivery.
+//! 5. **Unfinished is kept.** Retention deletes no event with a waiting
+//!    delivery (`pending` without a due time), however old.
 //!
 //! # Cost
 //!
 //! Making a waiting delivery due is one more row update per delivery (on
-//! top of its insert, claim and record), and a keyed publish runs a
-//! PL/pgSQL function. Where the database's own CPU and WAL are the limit
-//! (PostgreSQL on a small machine), one webhook and 1,000 keys delivered
-//! at 0.5-0.8 of the unkeyed rate in `scripts/bench-pairs` (SQLite:
-//! 0.94). Sampled, the recorder did not wait on key locks; `NEXT` ran as
-//! often as the record statement itself.
-//! 4. **Crash-safe.** Each of those is one transaction: a process killed
-//!    mid-way leaves the key as it was, and an expired lease gives the
-//!    head back to the queue like any other delivery.
+//! top of its insert, claim and record); on PostgreSQL a keyed publish
+//! also upserts its key's row and a record updates it. Neither takes a
+//! statement of its own. The figures are in `wasmhook-bench
+//! --ordering-keys` and the notes.
 
-use std::collections::BTreeSet;
-
-use super::{AttemptRecord, DeliveryStatus, NextState, WebhookId};
+use super::{AttemptRecord, DeliveryStatus, NextState};
 use crate::clock::Millis;
 
 /// What keeps events in order: opaque text of 1 to 256 characters, no
@@ -113,17 +112,10 @@ pub fn ends(next: &NextState) -> bool {
     !matches!(next, NextState::Retry { .. })
 }
 
-/// The (webhook, key) pairs whose heads these records end, each once (the
-/// lock statement orders them, invariant 3).
-pub fn released<'a>(
-    records: impl IntoIterator<Item = &'a AttemptRecord>,
-) -> Vec<(&'a WebhookId, &'a str)> {
-    let pairs: BTreeSet<(&WebhookId, &str)> = records
-        .into_iter()
-        .filter(|r| ends(&r.next))
-        .filter_map(|r| Some((&r.webhook_id, r.ordering_key.as_deref()?)))
-        .collect();
-    pairs.into_iter().collect()
+/// Whether this record, if applied, lets the next delivery of its key go:
+/// it ends a keyed delivery.
+pub fn releases(record: &AttemptRecord) -> bool {
+    record.ordering_key.is_some() && ends(&record.next)
 }
 
 #[cfg(test)]

@@ -165,3 +165,138 @@ async fn a_repeated_keyed_event_queues_nothing_more() {
         .unwrap();
     assert_eq!(shown.ordering_key.as_deref(), Some("k"));
 }
+
+/// Publishes of a key racing the records that end its heads, on two
+/// webhooks and with two deliverers: every delivery is claimed, once, in
+/// its key's publish order on each webhook. On PostgreSQL this is the
+/// race a record settles by releasing a stranded place (see
+/// `store/postgres/ordering.rs`); a stranded delivery would wait for ever,
+/// so the deliverers give up when nothing is claimed for a few seconds.
+#[tokio::test]
+async fn publishes_racing_records_strand_nothing() {
+    const EVENTS: usize = 300;
+    let f = Arc::new(Fixture::new().await);
+    let app = f.app("A").await;
+    for url in ["https://example.com/a", "https://example.com/b"] {
+        f.webhook(&app, fields(url)).await;
+    }
+    f.warm(&app, "warm.up").await;
+
+    let publisher = {
+        let (f, app) = (f.clone(), app.clone());
+        tokio::spawn(async move {
+            let mut published = Vec::new();
+            for n in 0..EVENTS {
+                let key = format!("k{}", n % 2);
+                published.push((key.clone(), publish(&f, &app, Some(&key)).await));
+            }
+            published
+        })
+    };
+    let claimed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let deliverers: Vec<_> = (0..2)
+        .map(|_| {
+            let (f, claimed) = (f.clone(), claimed.clone());
+            tokio::spawn(async move {
+                let mut last_progress = std::time::Instant::now();
+                while claimed.lock().unwrap().len() < 2 * EVENTS {
+                    let batch = f.claim(50).await;
+                    if batch.is_empty() {
+                        if last_progress.elapsed() > std::time::Duration::from_secs(5) {
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    last_progress = std::time::Instant::now();
+                    claimed.lock().unwrap().extend(batch.iter().map(|c| {
+                        let key = c.ordering_key.clone().unwrap_or_default();
+                        (c.webhook_id.clone(), key, c.event_id.clone())
+                    }));
+                    record(&f, batch.iter().map(succeeded).collect()).await;
+                }
+            })
+        })
+        .collect();
+    let published = publisher.await.unwrap();
+    for deliverer in deliverers {
+        deliverer.await.unwrap();
+    }
+
+    let claimed = claimed.lock().unwrap().clone();
+    assert_eq!(
+        claimed.len(),
+        2 * EVENTS,
+        "every delivery claimed once; {} waiting",
+        2 * EVENTS - claimed.len().min(2 * EVENTS)
+    );
+    let webhooks: std::collections::BTreeSet<_> = claimed.iter().map(|c| c.0.clone()).collect();
+    for webhook in &webhooks {
+        for key in ["k0", "k1"] {
+            let order: Vec<&EventId> = claimed
+                .iter()
+                .filter(|c| &c.0 == webhook && c.1 == key)
+                .map(|c| &c.2)
+                .collect();
+            let expected: Vec<&EventId> = published
+                .iter()
+                .filter(|p| p.0 == key)
+                .map(|p| &p.1)
+                .collect();
+            assert_eq!(order, expected, "{key} on {webhook:?} in publish order");
+        }
+    }
+}
+
+/// Retention deletes only finished events: a delivery waiting for its
+/// key's head, however old, is unfinished.
+#[tokio::test]
+async fn retention_keeps_a_waiting_delivery() {
+    let f = Fixture::new().await;
+    let app = f.app("A").await;
+    f.webhook(&app, fields("https://example.com/ordered")).await;
+    let first = publish(&f, &app, Some("k")).await;
+    let second = publish(&f, &app, Some("k")).await;
+    let head = f.claim(10).await;
+    assert_eq!(events(&head), vec![first.clone()]);
+    let later = now_ms() + 60_000;
+    assert_eq!(f.store.purge_events(later, 100).await.unwrap(), 0);
+
+    record(&f, vec![succeeded(&head[0])]).await;
+    assert_eq!(f.store.purge_events(later, 100).await.unwrap(), 1);
+    assert!(f.store.event(&app.id, &first).await.unwrap().is_none());
+    assert_eq!(events(&f.claim(10).await), vec![second]);
+}
+
+/// Retention takes a key's bookkeeping with its last delivery (on
+/// PostgreSQL, the key's row), and the key starts afresh.
+#[tokio::test]
+async fn retention_forgets_a_key_with_nothing_left() {
+    let f = Fixture::new().await;
+    let app = f.app("A").await;
+    f.webhook(&app, fields("https://example.com/ordered")).await;
+    publish(&f, &app, Some("k")).await;
+    publish(&f, &app, Some("k")).await;
+    for _ in 0..2 {
+        let head = f.claim(10).await;
+        assert_eq!(head.len(), 1);
+        record(&f, vec![succeeded(&head[0])]).await;
+    }
+    assert_eq!(
+        f.store.purge_events(now_ms() + 60_000, 100).await.unwrap(),
+        2
+    );
+    if f.workspace.is_postgres() {
+        use sqlx::Connection;
+        let mut db = sqlx::PgConnection::connect(&f.workspace.database_url)
+            .await
+            .unwrap();
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ordering_keys")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+        assert_eq!(rows, 0, "the key's row went with its last delivery");
+    }
+    let again = publish(&f, &app, Some("k")).await;
+    assert_eq!(events(&f.claim(10).await), vec![again]);
+}

@@ -654,13 +654,14 @@ impl PostgresStore {
     /// A whole batch in a few statements and one transaction.
     pub async fn record_attempts(&self, records: Arc<Vec<AttemptRecord>>) -> StoreResult<()> {
         let mut tx = self.queue.begin().await?;
-        ordering::lock_released(&mut tx, &records).await?;
         let (current, locked) = record_deliveries(&mut tx, &records).await?;
+        if let Some(row) = locked.first() {
+            ordering::release_stranded(&mut tx, row, now_ms()).await?;
+        }
         let current: Vec<&AttemptRecord> = records
             .iter()
             .filter(|r| current.contains(r.delivery_id.as_str()))
             .collect();
-        ordering::release_next(&mut tx, current.iter().copied(), now_ms()).await?;
         lanes::record(
             &mut tx,
             &locked,
@@ -754,22 +755,35 @@ impl PostgresStore {
     }
 
     /// Old finished events go with their deliveries and attempts (the
-    /// foreign keys cascade). Rows another process is deleting are skipped.
+    /// foreign keys cascade), and the rows of keys whose last delivery
+    /// went with them ([`ordering::PURGE_KEYS`]). A delivery with a due
+    /// time, or `pending` without one (waiting for its key), is
+    /// unfinished. Rows another process is deleting are skipped.
     pub async fn purge_events(&self, cutoff: Millis, limit: u32) -> StoreResult<u64> {
-        let deleted = sqlx::query(
-            "DELETE FROM events WHERE (app_id, id) IN ( \
-                 SELECT e.app_id, e.id FROM events e WHERE e.created_at < $1 AND NOT EXISTS ( \
-                     SELECT 1 FROM deliveries d WHERE d.app_id = e.app_id AND d.event_id = e.id \
-                     AND (d.due_at IS NOT NULL OR d.updated_at >= $1)) \
-                 ORDER BY e.created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(cutoff)
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await?;
-        Ok(deleted.rows_affected())
+        sqlx::query_scalar::<_, i64>(&PURGE_SQL)
+            .bind(cutoff)
+            .bind(i64::from(limit))
+            .fetch_one(&self.pool)
+            .await
+            .map(|n| n as u64)
+            .map_err(Into::into)
     }
 }
+
+/// retention: (cutoff, limit); returns how many events went.
+static PURGE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH doomed AS ( \
+             SELECT e.app_id, e.id FROM events e WHERE e.created_at < $1 AND NOT EXISTS ( \
+                 SELECT 1 FROM deliveries d WHERE d.app_id = e.app_id AND d.event_id = e.id \
+                 AND (d.due_at IS NOT NULL OR d.status = 'pending' OR d.updated_at >= $1)) \
+             ORDER BY e.created_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+         gone AS (DELETE FROM events WHERE (app_id, id) IN (SELECT app_id, id FROM doomed) RETURNING 1), \
+         {} \
+         SELECT count(*) FROM gone",
+        ordering::PURGE_KEYS
+    )
+});
 
 /// The full publish path, inside the caller's transaction.
 async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Published> {
@@ -938,13 +952,17 @@ async fn repeat_of(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Option
 
 /// Moves each delivery to its next state, only where the record's claim
 /// still holds (a lost lease means another worker owns it now), writes
-/// those deliveries' attempts, and locks their lanes
+/// those deliveries' attempts, lets the next delivery of each ended keyed
+/// one go ([`ordering::RECORD_CTES`]), and locks their lanes
 /// ([`lanes::LOCK_RECORDED`]), in one statement; returns the ids that were
-/// updated and the lanes' rows. The lanes are locked by the transaction's
-/// first statement, but only the lanes' write, the webhooks' updates and
-/// the commit follow it: with one busy endpoint, every moment its lane is
-/// locked is a claim that skips it (locking the lanes before a separate
-/// attempts insert cut a one-endpoint drain by a fifth).
+/// updated, the stranded places of keys ([`ordering::STRANDED`]) and the
+/// lanes' rows. The lanes are locked by the transaction's first statement,
+/// but only the lanes' write, the webhooks' updates and the commit follow
+/// it: with one busy endpoint, every moment its lane is locked is a claim
+/// that skips it (locking the lanes before a separate attempts insert cut
+/// a one-endpoint drain by a fifth). `OFFSET 0` keeps the first row's
+/// subquery from being merged into the join, so it is read, and the key
+/// rows locked, before the lanes.
 static RECORD_DELIVERIES_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH updated AS ( \
@@ -952,9 +970,12 @@ static RECORD_DELIVERIES_SQL: LazyLock<String> = LazyLock::new(|| {
              attempts = d.attempts + r.attempted, last_attempt_at = COALESCE(r.started_at, d.last_attempt_at), \
              last_status_code = r.status_code, last_error = r.error, updated_at = r.now, skip_reason = r.skip_reason \
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], \
-                         $7::bigint[], $8::text[], $9::bigint[], $10::text[]) \
-                  AS r(id, token, status, due_at, attempted, started_at, status_code, error, now, skip_reason) \
-             WHERE d.id = r.id AND d.claim_token = r.token RETURNING d.id, d.webhook_id), \
+                         $7::bigint[], $8::text[], $9::bigint[], $10::text[], $21::boolean[]) \
+                  AS r(id, token, status, due_at, attempted, started_at, status_code, error, now, skip_reason, \
+                       releases) \
+             WHERE d.id = r.id AND d.claim_token = r.token \
+             RETURNING d.id, d.webhook_id, d.ordering_key, d.ordering_seq, r.releases, r.now), \
+         {} {} \
          inserted AS ( \
              INSERT INTO attempts (id, delivery_id, attempt, started_at, duration_ms, outcome, status_code, \
              response_body, error, plugin_error) \
@@ -964,9 +985,13 @@ static RECORD_DELIVERIES_SQL: LazyLock<String> = LazyLock::new(|| {
                        error, plugin_error) \
              WHERE a.delivery_id IN (SELECT id FROM updated)), \
          {} \
-         SELECT u.updated_ids, l.* FROM (SELECT array_agg(id) AS updated_ids FROM updated) u \
+         SELECT u.*, l.* FROM ( \
+             SELECT (SELECT array_agg(id) FROM updated) AS updated_ids, {} OFFSET 0) u \
          LEFT JOIN lanes l ON TRUE",
-        *lanes::LOCK_RECORDED
+        ordering::RECORD_CTES,
+        ordering::STRANDED_CTE,
+        *lanes::LOCK_RECORDED,
+        ordering::STRANDED
     )
 });
 
@@ -1057,6 +1082,12 @@ async fn record_deliveries(
             attempts
                 .iter()
                 .map(|(_, a)| a.plugin_error.map(|p| p.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            records
+                .iter()
+                .map(crate::domain::ordering::releases)
                 .collect::<Vec<_>>(),
         )
         .fetch_all(&mut *c)

@@ -668,11 +668,12 @@ impl SqliteStore {
 }
 
 /// Old finished events go with their deliveries and attempts (the foreign
-/// keys cascade): (cutoff, limit).
+/// keys cascade): (cutoff, limit). A delivery with a due time, or
+/// `pending` without one (waiting for its key), is unfinished.
 const PURGE_SQL: &str = "DELETE FROM events WHERE rowid IN ( \
      SELECT e.rowid FROM events e WHERE e.created_at < ?1 AND NOT EXISTS ( \
          SELECT 1 FROM deliveries d WHERE d.app_id = e.app_id AND d.event_id = e.id \
-         AND (d.due_at IS NOT NULL OR d.updated_at >= ?1)) \
+         AND (d.due_at IS NOT NULL OR d.status = 'pending' OR d.updated_at >= ?1)) \
      ORDER BY e.created_at LIMIT ?2)";
 
 fn publish(c: &Connection, event: &NewEvent) -> StoreResult<Published> {

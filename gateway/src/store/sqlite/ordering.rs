@@ -49,7 +49,7 @@ pub fn release_next<'a>(
     now: Millis,
 ) -> StoreResult<()> {
     for record in applied {
-        if record.ordering_key.is_some() && ordering::ends(&record.next) {
+        if ordering::releases(record) {
             c.prepare_cached(NEXT)?
                 .execute(params![now, record.delivery_id.as_str()])?;
         }

@@ -44,6 +44,10 @@ pub fn gateway_binary() -> PathBuf {
 #[derive(Clone)]
 pub struct GatewayBuilder {
     env: Vec<(String, String)>,
+    /// The largest file the process may write, in bytes (`prlimit
+    /// --fsize`, with SIGXFSZ ignored so a write past it fails with EFBIG
+    /// as on a full disk).
+    file_size_limit: Option<u64>,
 }
 
 impl Default for GatewayBuilder {
@@ -64,6 +68,7 @@ impl Default for GatewayBuilder {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            file_size_limit: None,
         }
     }
 }
@@ -72,6 +77,12 @@ impl GatewayBuilder {
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Files the process writes cannot grow past `bytes` (`None`: no limit).
+    pub fn file_size_limit(mut self, bytes: Option<u64>) -> Self {
+        self.file_size_limit = bytes;
         self
     }
 
@@ -222,7 +233,18 @@ impl TestGateway {
             .append(true)
             .open(dir.path().join("gateway.log"))
             .expect("log file");
-        let mut command = Command::new(gateway_binary());
+        let mut command = match builder.file_size_limit {
+            Some(bytes) => {
+                let mut command = Command::new("sh");
+                command
+                    .arg("-c")
+                    .arg(format!("trap '' XFSZ; exec prlimit --fsize={bytes} \"$@\""))
+                    .arg("sh")
+                    .arg(gateway_binary());
+                command
+            }
+            None => Command::new(gateway_binary()),
+        };
         command
             .arg("serve")
             .env_clear()

@@ -6,11 +6,13 @@
 
 mod gateway;
 pub mod neighbour;
+mod proxy;
 mod receiver;
 
 pub use gateway::{
     GatewayBuilder, TEST_POSTGRES_URL, TestGateway, Workspace, gateway_binary, spawn_app,
 };
+pub use proxy::TcpProxy;
 pub use receiver::{Received, Receiver, Reply};
 
 /// A plugin component built by `scripts/test` for wasm32-wasip2: one of

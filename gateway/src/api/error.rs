@@ -16,7 +16,12 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     field: Option<&'static str>,
+    /// Seconds after which the same call may work (`Retry-After`).
+    retry_after: Option<u32>,
 }
+
+/// What a caller is told to wait when the database is unavailable.
+const DATABASE_RETRY_AFTER_SECS: u32 = 2;
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
@@ -27,6 +32,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
 
@@ -145,6 +151,19 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
 
+    /// The database cannot serve the call now; nothing was changed.
+    pub fn database_unavailable(error: impl std::fmt::Display) -> Self {
+        tracing::warn!(%error, "the database is unavailable; answering 503");
+        Self {
+            retry_after: Some(DATABASE_RETRY_AFTER_SECS),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is unavailable; nothing was changed, retry after the time in Retry-After",
+            )
+        }
+    }
+
     /// Stored data that no longer parses: our fault, not the caller's.
     pub fn corrupt(error: impl std::fmt::Display) -> Self {
         Self::internal(StoreError::Corrupt(error.to_string()))
@@ -166,7 +185,13 @@ impl IntoResponse for ApiError {
         if let Some(field) = self.field {
             error["field"] = field.into();
         }
-        (self.status, Json(json!({ "error": error }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -192,11 +217,14 @@ impl From<StoreError> for ApiError {
             StoreError::DeliveryInFlight => Self::conflict(
                 "the delivery is being sent right now; retry after this attempt ends",
             ),
+            // A group commit that failed, or a writer that stopped, is the
+            // file failing (a full disk, an I/O error), not the call.
+            other @ (StoreError::Unavailable(_)
+            | StoreError::Commit(_)
+            | StoreError::WriterGone) => Self::database_unavailable(other),
             other @ (StoreError::Sqlite(_)
             | StoreError::Postgres(_)
             | StoreError::Open(_)
-            | StoreError::Commit(_)
-            | StoreError::WriterGone
             | StoreError::Corrupt(_)) => Self::internal(other),
         }
     }

@@ -55,7 +55,11 @@ impl IntoResponses for ErrorResponses {
             ("413", "The body is larger than the limit"),
             ("415", "The body has the wrong content type"),
             ("422", "The JSON body does not have the expected shape"),
-            ("503", "The database (or the plugin host) is unavailable"),
+            (
+                "503",
+                "The database (or the plugin host) is unavailable for now; nothing was changed. \
+                 Retry after the seconds in `Retry-After`",
+            ),
         ]
         .into_iter()
         .map(|(status, description)| (status.to_owned(), error_response(description)))

@@ -277,9 +277,14 @@ pub enum StoreError {
     #[error("the delivery is being sent")]
     DeliveryInFlight,
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error("database error: {0}")]
-    Postgres(#[from] sqlx::Error),
+    Postgres(sqlx::Error),
+    /// The database cannot be reached or cannot take writes now (a lost
+    /// connection, a server shutting down, a full disk, a read-only
+    /// file): nothing was changed, and the same call may work later.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     #[error("cannot open the database: {0}")]
     Open(String),
     #[error("the transaction holding this change failed to commit: {0}")]
@@ -291,6 +296,59 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        if postgres_unavailable(&error) {
+            Self::Unavailable(error.to_string())
+        } else {
+            Self::Postgres(error)
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        if sqlite_unavailable(&error) {
+            Self::Unavailable(error.to_string())
+        } else {
+            Self::Sqlite(error)
+        }
+    }
+}
+
+/// Whether PostgreSQL failed as a service rather than on the statement:
+/// no connection within the acquire timeout, a broken connection, or a
+/// server that refuses work for now (SQLSTATE classes 08 connection
+/// exception, 53 insufficient resources, 57P operator intervention, and
+/// 25006, a read-only transaction on a standby after a failover).
+fn postgres_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| {
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "25006"
+        }),
+        _ => false,
+    }
+}
+
+/// Whether SQLite failed on the file rather than on the statement: a full
+/// disk, a read-only or unopenable file, an I/O error, or a lock held
+/// past the busy timeout.
+fn sqlite_unavailable(error: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        error.sqlite_error_code(),
+        Some(DiskFull | ReadOnly | CannotOpen | SystemIoFailure | DatabaseBusy | DatabaseLocked)
+    )
+}
 
 /// `NotFound` when a statement that names one row changed none.
 fn found(rows: u64) -> StoreResult<()> {
@@ -304,6 +362,31 @@ fn found(rows: u64) -> StoreResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_failing_as_a_service_is_unavailable() {
+        let sqlite = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        assert!(matches!(
+            StoreError::from(sqlx::Error::PoolTimedOut),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            StoreError::from(sqlite(rusqlite::ffi::SQLITE_FULL)),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            StoreError::from(sqlite(rusqlite::ffi::SQLITE_READONLY)),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            StoreError::from(sqlite(rusqlite::ffi::SQLITE_CONSTRAINT)),
+            StoreError::Sqlite(_)
+        ));
+        assert!(matches!(
+            StoreError::from(sqlx::Error::RowNotFound),
+            StoreError::Postgres(_)
+        ));
+    }
 
     #[test]
     fn passwords_never_reach_logs() {

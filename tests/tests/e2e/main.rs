@@ -6,6 +6,7 @@ mod api;
 mod cli;
 mod delivery;
 mod fairness;
+mod faults;
 mod openapi;
 mod operations;
 mod ordering;

@@ -52,6 +52,15 @@ static PUBLISH_SQL: LazyLock<String> = LazyLock::new(|| {
 const UNIQUE_VIOLATION: &str = "23505";
 const FOREIGN_KEY_VIOLATION: &str = "23503";
 
+/// How long an API call waits for a connection (a new one included)
+/// before it is told the database is unavailable: a caller hears 503 in
+/// about a second while the server is down, instead of waiting for it.
+/// The queue's connections wait longer: a worker has no caller waiting,
+/// and backs off between tries anyway.
+const API_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long opening the store waits for its first connection.
+const SETUP_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Connections of the queue's own bookkeeping: one claim loop, one
 /// recorder, the occasional release and sweep.
 const QUEUE_POOL_SIZE: u32 = 4;
@@ -93,18 +102,25 @@ impl PostgresStore {
         let options: PgConnectOptions = database_url
             .parse()
             .map_err(|e| StoreError::Open(format!("bad PostgreSQL URL: {e}")))?;
-        let pool = PgPoolOptions::new()
-            .max_connections(pool_size.max(1))
-            .acquire_timeout(Duration::from_secs(10))
+        // Starting, a slow server is waited for; serving, it is not.
+        let setup = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(SETUP_ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Open(e.to_string()))?;
-        migrate::run(&pool).await?;
+        let migrated = migrate::run(&setup).await;
+        setup.close().await;
+        migrated?;
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .acquire_timeout(API_ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options.clone());
         // Lazy: a process that neither claims nor publishes to a busy
         // lane (the CLI's migrate, an idle API) never opens it.
         let queue = PgPoolOptions::new()
             .max_connections(QUEUE_POOL_SIZE.min(pool_size.max(1)))
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(SETUP_ACQUIRE_TIMEOUT)
             .connect_lazy_with(options.options(QUEUE_SESSION));
         Ok(Self {
             pool,
@@ -654,8 +670,9 @@ impl PostgresStore {
     /// A whole batch in a few statements and one transaction.
     pub async fn record_attempts(&self, records: Arc<Vec<AttemptRecord>>) -> StoreResult<()> {
         let mut tx = self.queue.begin().await?;
-        let (current, locked) = record_deliveries(&mut tx, &records).await?;
-        if let Some(row) = locked.first() {
+        let keyed = records.iter().any(crate::domain::ordering::releases);
+        let (current, locked) = record_deliveries(&mut tx, &records, keyed).await?;
+        if let Some(row) = locked.first().filter(|_| keyed) {
             ordering::release_stranded(&mut tx, row, now_ms()).await?;
         }
         let current: Vec<&AttemptRecord> = records
@@ -960,10 +977,24 @@ async fn repeat_of(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Option
 /// but only the lanes' write, the webhooks' updates and the commit follow
 /// it: with one busy endpoint, every moment its lane is locked is a claim
 /// that skips it (locking the lanes before a separate attempts insert cut
-/// a one-endpoint drain by a fifth). `OFFSET 0` keeps the first row's
-/// subquery from being merged into the join, so it is read, and the key
-/// rows locked, before the lanes.
-static RECORD_DELIVERIES_SQL: LazyLock<String> = LazyLock::new(|| {
+/// a one-endpoint drain by a fifth). Only a batch that ends a keyed
+/// delivery (`keyed`) carries the ordering CTEs; there, `OFFSET 0` keeps
+/// the first row's subquery from being merged into the join, so it is
+/// read, and the key rows locked, before the lanes.
+fn record_deliveries_sql(keyed: bool) -> String {
+    let (ordering, result) = if keyed {
+        let ctes = format!("{} {}", ordering::RECORD_CTES, ordering::STRANDED_CTE);
+        let result = format!(
+            "SELECT (SELECT array_agg(id) FROM updated) AS updated_ids, {} OFFSET 0",
+            ordering::STRANDED
+        );
+        (ctes, result)
+    } else {
+        (
+            String::new(),
+            "SELECT array_agg(id) AS updated_ids FROM updated".to_owned(),
+        )
+    };
     format!(
         "WITH updated AS ( \
              UPDATE deliveries d SET status = r.status, due_at = r.due_at, claim_token = NULL, \
@@ -975,7 +1006,7 @@ static RECORD_DELIVERIES_SQL: LazyLock<String> = LazyLock::new(|| {
                        releases) \
              WHERE d.id = r.id AND d.claim_token = r.token \
              RETURNING d.id, d.webhook_id, d.ordering_key, d.ordering_seq, r.releases, r.now), \
-         {} {} \
+         {ordering} \
          inserted AS ( \
              INSERT INTO attempts (id, delivery_id, attempt, started_at, duration_ms, outcome, status_code, \
              response_body, error, plugin_error) \
@@ -985,19 +1016,20 @@ static RECORD_DELIVERIES_SQL: LazyLock<String> = LazyLock::new(|| {
                        error, plugin_error) \
              WHERE a.delivery_id IN (SELECT id FROM updated)), \
          {} \
-         SELECT u.*, l.* FROM ( \
-             SELECT (SELECT array_agg(id) FROM updated) AS updated_ids, {} OFFSET 0) u \
-         LEFT JOIN lanes l ON TRUE",
-        ordering::RECORD_CTES,
-        ordering::STRANDED_CTE,
-        *lanes::LOCK_RECORDED,
-        ordering::STRANDED
+         SELECT u.*, l.* FROM ({result}) u LEFT JOIN lanes l ON TRUE",
+        *lanes::LOCK_RECORDED
     )
-});
+}
+
+/// The record statement of a batch that ends no keyed delivery, and of
+/// one that does.
+static RECORD_DELIVERIES_SQL: LazyLock<[String; 2]> =
+    LazyLock::new(|| [record_deliveries_sql(false), record_deliveries_sql(true)]);
 
 async fn record_deliveries(
     c: &mut PgConnection,
     records: &[AttemptRecord],
+    keyed: bool,
 ) -> StoreResult<(HashSet<String>, Vec<PgRow>)> {
     let column =
         |f: fn(&AttemptRecord) -> Option<Millis>| records.iter().map(f).collect::<Vec<_>>();
@@ -1008,7 +1040,7 @@ async fn record_deliveries(
     let ids: Vec<AttemptId> = attempts.iter().map(|_| AttemptId::new()).collect();
     let number =
         |f: fn(&AttemptRow) -> i64| attempts.iter().map(|(_, a)| f(a)).collect::<Vec<i64>>();
-    let rows = sqlx::query(&RECORD_DELIVERIES_SQL)
+    let rows = sqlx::query(&RECORD_DELIVERIES_SQL[usize::from(keyed)])
         .bind(
             records
                 .iter()
@@ -1165,6 +1197,6 @@ fn on_violation(error: sqlx::Error, code: &str, meaning: StoreError) -> StoreErr
     if is_code(&error, code) {
         meaning
     } else {
-        StoreError::Postgres(error)
+        error.into()
     }
 }

@@ -359,6 +359,7 @@ impl Readers {
 /// disk, power loss included), foreign keys on, checkpoints left to the
 /// checkpoint thread.
 pub fn open_writer(path: &Path) -> StoreResult<Connection> {
+    create_private(path)?;
     let connection =
         Connection::open(path).map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
     connection.busy_timeout(BUSY_TIMEOUT)?;
@@ -382,6 +383,34 @@ fn tune(connection: &Connection) -> rusqlite::Result<()> {
 }
 
 /// The file path of a `sqlite://path` (or `sqlite:path`) URL.
+/// Creates the database file, if it is new, readable and writable by the
+/// gateway's user only: it holds signing secrets. SQLite gives the WAL
+/// and shared-memory files it creates beside it the same permissions. A
+/// file that others may read is left as the operator made it, with a
+/// warning.
+fn create_private(path: &Path) -> StoreResult<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    match created {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let mode = std::fs::metadata(path).map(|m| m.permissions().mode());
+            if mode.is_ok_and(|mode| mode & 0o077 != 0) {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the database file, which holds signing secrets, may be read by other users; chmod 600 it"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(StoreError::Open(format!("{}: {e}", path.display()))),
+    }
+}
+
 pub fn path_of(database_url: &str) -> StoreResult<PathBuf> {
     let rest = database_url
         .strip_prefix("sqlite://")

@@ -920,7 +920,7 @@ fn execute_one(c: &Connection, sql: &str, params: impl Params) -> StoreResult<()
 fn on_constraint(error: rusqlite::Error, meaning: StoreError) -> StoreError {
     match error.sqlite_error_code() {
         Some(rusqlite::ErrorCode::ConstraintViolation) => meaning,
-        _ => StoreError::Sqlite(error),
+        _ => error.into(),
     }
 }
 #[cfg(test)]

@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::{ApiError, ApiResult, OrNotFound};
 use super::extract::{
-    ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page, double_option, token_hash,
+    Admin, ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page, double_option, token_hash,
 };
 use super::openapi::ErrorResponses;
 use crate::clock::rfc3339;
@@ -103,10 +103,9 @@ fn check_uid(uid: &str) -> ApiResult<()> {
 )]
 pub async fn create(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     ApiJson(body): ApiJson<CreateApp>,
 ) -> ApiResult<(StatusCode, Json<AppView>)> {
-    caller.require_admin()?;
     check_name(&body.name)?;
     if let Some(uid) = &body.uid {
         check_uid(uid)?;
@@ -127,10 +126,9 @@ pub async fn create(
 )]
 pub async fn list(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<Page<AppView>>> {
-    caller.require_admin()?;
     let page = query.page()?;
     let apps = state.store.list_apps(&page).await?;
     Ok(Json(Page::new(
@@ -166,11 +164,11 @@ pub async fn show(
 )]
 pub async fn update(
     State(state): State<AppState>,
+    _admin: Admin,
     caller: Caller,
     ApiPath(app): ApiPath<String>,
     ApiJson(body): ApiJson<PatchApp>,
 ) -> ApiResult<Json<AppView>> {
-    caller.require_admin()?;
     let app = caller.app(&state, &app).await?;
     let name = body.name.unwrap_or(app.name);
     check_name(&name)?;
@@ -194,10 +192,10 @@ pub async fn update(
 )]
 pub async fn remove(
     State(state): State<AppState>,
+    _admin: Admin,
     caller: Caller,
     ApiPath(app): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
-    caller.require_admin()?;
     let app = caller.app(&state, &app).await?;
     state.store.delete_app(&app.id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -214,10 +212,10 @@ pub async fn remove(
 )]
 pub async fn create_key(
     State(state): State<AppState>,
+    _admin: Admin,
     caller: Caller,
     ApiPath(app): ApiPath<String>,
 ) -> ApiResult<(StatusCode, Json<KeyCreated>)> {
-    caller.require_admin()?;
     let app = caller.app(&state, &app).await?;
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
@@ -257,10 +255,10 @@ pub struct KeyCreated {
 )]
 pub async fn delete_key(
     State(state): State<AppState>,
+    _admin: Admin,
     caller: Caller,
     ApiPath((app, id)): ApiPath<(String, KeyId)>,
 ) -> ApiResult<StatusCode> {
-    caller.require_admin()?;
     let app = caller.app(&state, &app).await?;
     state
         .store

@@ -113,6 +113,22 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// The admin: an extractor that refuses anyone else (401 or 403) before
+/// the handler's other extractors run, so a caller who may not use a
+/// route learns nothing from how its body would have been judged.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        Caller::from_request_parts(parts, state)
+            .await?
+            .require_admin()?;
+        Ok(Self)
+    }
+}
+
 impl Caller {
     pub fn require_admin(&self) -> ApiResult<()> {
         match self {

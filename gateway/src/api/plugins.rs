@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ApiResult, OrNotFound};
-use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, ListQuery, Page};
+use super::extract::{Admin, ApiJson, ApiPath, ApiQuery, ListQuery, Page};
 use super::openapi::ErrorResponses;
 use crate::clock::{now_ms, rfc3339};
 use crate::domain::{EventType, NewPlugin, Plugin, PluginId, Upload};
@@ -111,12 +111,11 @@ fn check_label(field: &'static str, value: &str) -> ApiResult<()> {
 )]
 pub async fn upload(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     ApiQuery(query): ApiQuery<UploadQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<PluginView>)> {
-    caller.require_admin()?;
     check_label("name", &query.name)?;
     check_label("version", &query.version)?;
     let content_type = headers
@@ -196,10 +195,9 @@ async fn read_limited(body: Body, limit: usize) -> ApiResult<Vec<u8>> {
 )]
 pub async fn list(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<Page<PluginView>>> {
-    caller.require_admin()?;
     let page = query.page()?;
     let plugins = state.store.list_plugins(&page).await?;
     Ok(Json(Page::new(
@@ -227,10 +225,9 @@ async fn find(state: &AppState, id: &PluginId) -> ApiResult<Plugin> {
 )]
 pub async fn show(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     ApiPath(id): ApiPath<PluginId>,
 ) -> ApiResult<Json<PluginView>> {
-    caller.require_admin()?;
     Ok(Json(find(&state, &id).await?.into()))
 }
 
@@ -243,10 +240,9 @@ pub async fn show(
 )]
 pub async fn remove(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     ApiPath(id): ApiPath<PluginId>,
 ) -> ApiResult<StatusCode> {
-    caller.require_admin()?;
     state
         .store
         .delete_plugin(&id)
@@ -278,11 +274,10 @@ pub struct TestRequest {
 )]
 pub async fn test(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Admin,
     ApiPath(id): ApiPath<PluginId>,
     ApiJson(body): ApiJson<TestRequest>,
 ) -> ApiResult<Json<Value>> {
-    caller.require_admin()?;
     let plugin = find(&state, &id).await?;
     let event_type =
         EventType::parse(&body.event_type).map_err(|e| ApiError::invalid("event_type", e))?;

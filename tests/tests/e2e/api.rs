@@ -221,6 +221,24 @@ async fn tokens_are_checked_and_app_keys_stay_in_their_app() {
             .await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
     }
+    // Authorisation comes before the body: an app key gets 403 on an
+    // admin-only route whatever it sends, never a judgement of the body.
+    for (method, path) in [
+        (Method::POST, "/v1/apps".to_owned()),
+        (Method::PATCH, world.path("")),
+        (Method::POST, world.path("/keys")),
+        (Method::POST, "/v1/plugins/plg_x/test".to_owned()),
+    ] {
+        let (status, body) = gateway
+            .call(
+                gateway
+                    .request_as(&key, method, &path)
+                    .header("content-type", "application/json")
+                    .body("{\"name\": 42, broken"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+    }
 
     // A deleted key stops working.
     let (status, _) = gateway

@@ -17,7 +17,7 @@ use crate::clock::{Millis, millis, now_ms, rfc3339};
 use crate::domain::lane::LaneState;
 use crate::domain::{
     AppId, AttachedPlugin, CustomHeaders, EventTypeFilter, InFlightLimit, PluginId, RateLimit,
-    Webhook, WebhookFields, WebhookId,
+    RetrySchedule, Webhook, WebhookFields, WebhookId,
 };
 use crate::signing::Secret;
 
@@ -44,6 +44,9 @@ pub struct WebhookView {
     /// How many deliveries may arrive at once within the rate limit; null
     /// when there is no limit.
     rate_limit_burst: Option<u32>,
+    /// The delays between attempts (one more attempt than delays); null:
+    /// the server's (`WASMHOOK_RETRY_SCHEDULE`).
+    retry_schedule: Option<Vec<String>>,
     secret_masked: String,
     breaker: BreakerView,
     /// `{id, config}` of the attached plugin, or null.
@@ -120,6 +123,7 @@ impl WebhookView {
             max_in_flight: w.max_in_flight.map(InFlightLimit::get),
             rate_limit: w.rate_limit.map(RateLimit::per_second),
             rate_limit_burst: w.rate_limit.map(RateLimit::burst),
+            retry_schedule: w.retry_schedule.as_ref().map(RetrySchedule::steps),
             secret_masked: secret.masked(),
             breaker,
             plugin: match &w.plugin {
@@ -157,6 +161,11 @@ pub struct CreateWebhook {
     /// of a second's worth, at least 1). Needs `rate_limit`.
     #[schema(minimum = 1, maximum = 10000)]
     rate_limit_burst: Option<u32>,
+    /// This webhook's delays between attempts, such as `["10s", "5m",
+    /// "1h 30m"]` (one more attempt than delays; at most 30, adding up to
+    /// at most 7 days); omit or null for the server's.
+    #[schema(max_items = 30)]
+    retry_schedule: Option<Vec<String>>,
     plugin: Option<PluginAttachment>,
 }
 
@@ -204,6 +213,10 @@ pub struct PatchWebhook {
     /// A new burst for the rate limit the webhook has or is given.
     #[schema(minimum = 1, maximum = 10000)]
     rate_limit_burst: Option<u32>,
+    /// New delays between attempts, or null for the server's.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<Vec<String>>, max_items = 30)]
+    retry_schedule: Option<Option<Vec<String>>>,
     /// A plugin to attach, or null to detach the current one.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<PluginAttachment>)]
@@ -245,6 +258,11 @@ async fn validate(state: &AppState, fields: Unchecked<'_>) -> ApiResult<WebhookF
                 .map_err(|(field, e)| ApiError::invalid(field, e))?,
         ),
     };
+    let retry_schedule = fields
+        .retry_schedule
+        .map(RetrySchedule::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid("retry_schedule", e))?;
     if let Some(plugin) = &fields.plugin {
         if plugin.config.len() > MAX_PLUGIN_CONFIG_LEN {
             return Err(ApiError::invalid(
@@ -271,6 +289,7 @@ async fn validate(state: &AppState, fields: Unchecked<'_>) -> ApiResult<WebhookF
         raw_payload: fields.raw_payload,
         max_in_flight,
         rate_limit,
+        retry_schedule,
         plugin: fields.plugin,
     })
 }
@@ -286,6 +305,7 @@ struct Unchecked<'a> {
     max_in_flight: Option<u32>,
     rate_limit: Option<u32>,
     rate_limit_burst: Option<u32>,
+    retry_schedule: Option<&'a [String]>,
     plugin: Option<AttachedPlugin>,
 }
 
@@ -326,6 +346,7 @@ pub async fn create(
             max_in_flight: body.max_in_flight,
             rate_limit: body.rate_limit,
             rate_limit_burst: body.rate_limit_burst,
+            retry_schedule: body.retry_schedule.as_deref(),
             plugin: body.plugin.as_ref().map(PluginAttachment::stored),
         },
     )
@@ -425,6 +446,7 @@ pub async fn update(
             burst.or(current.rate_limit.map(RateLimit::burst)),
         ),
     };
+    let current_schedule = current.retry_schedule.as_ref().map(RetrySchedule::steps);
     let fields = validate(
         &state,
         Unchecked {
@@ -439,6 +461,10 @@ pub async fn update(
                 .unwrap_or(current.max_in_flight.map(InFlightLimit::get)),
             rate_limit,
             rate_limit_burst,
+            retry_schedule: match &body.retry_schedule {
+                Some(requested) => requested.as_deref(),
+                None => current_schedule.as_deref(),
+            },
             plugin: match &body.plugin {
                 Some(requested) => requested.as_ref().map(PluginAttachment::stored),
                 None => current.plugin.clone(),

@@ -101,6 +101,10 @@ pub enum WebhookCommand {
         /// tenth of a second's worth).
         #[arg(long, requires = "rate_limit")]
         rate_limit_burst: Option<u32>,
+        /// This webhook's delays between attempts, comma-separated, e.g.
+        /// `10s,5m,1h` (default: the gateway's `WASMHOOK_RETRY_SCHEDULE`).
+        #[arg(long, value_delimiter = ',')]
+        retry_schedule: Option<Vec<String>>,
     },
     /// The app's webhooks.
     List,
@@ -122,6 +126,12 @@ pub enum WebhookCommand {
         /// Lift the rate limit.
         #[arg(long)]
         no_rate_limit: bool,
+        /// New delays between attempts, comma-separated, e.g. `10s,5m,1h`.
+        #[arg(long, value_delimiter = ',', conflicts_with = "default_retry_schedule")]
+        retry_schedule: Option<Vec<String>>,
+        /// Go back to the gateway's retry schedule.
+        #[arg(long)]
+        default_retry_schedule: bool,
         /// Enable (`true`) or disable (`false`) the webhook.
         #[arg(long)]
         enabled: Option<bool>,
@@ -287,8 +297,12 @@ async fn webhook(
             max_in_flight,
             rate_limit,
             rate_limit_burst,
+            retry_schedule,
         } => {
             let mut body = json!({ "url": target, "raw_payload": raw_payload });
+            if let Some(schedule) = retry_schedule {
+                body["retry_schedule"] = json!(schedule);
+            }
             if let Some(max_in_flight) = max_in_flight {
                 body["max_in_flight"] = json!(max_in_flight);
             }
@@ -323,9 +337,17 @@ async fn webhook(
             rate_limit,
             rate_limit_burst,
             no_rate_limit,
+            retry_schedule,
+            default_retry_schedule,
             enabled,
         } => {
             let mut body = json!({});
+            if let Some(schedule) = retry_schedule {
+                body["retry_schedule"] = json!(schedule);
+            }
+            if default_retry_schedule {
+                body["retry_schedule"] = Value::Null;
+            }
             if let Some(max_in_flight) = max_in_flight {
                 body["max_in_flight"] = json!(max_in_flight);
             }

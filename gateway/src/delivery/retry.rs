@@ -27,25 +27,24 @@ impl RetryPolicy {
         }
     }
 
-    /// Attempts a delivery gets before it is dead.
+    /// Attempts a delivery gets before it is dead, on the server's
+    /// schedule.
     pub fn max_attempts(&self) -> i64 {
         self.schedule.len() as i64 + 1
     }
 
-    fn max_delay(&self) -> Duration {
-        self.schedule.iter().copied().max().unwrap_or_default()
+    /// On the server's schedule, see [`delay_after`].
+    pub fn delay_after(&self, number: i64, retry_after: Option<Duration>) -> Option<Duration> {
+        delay_after(&self.schedule, number, retry_after)
     }
 
-    /// How long to wait after failed attempt `number` (1-based), or `None`
-    /// when it was the last. The receiver's `Retry-After` wins, capped at the
-    /// schedule's largest delay; otherwise the schedule, with ±10% jitter so
-    /// a recovering receiver is not hit by every retry at once.
-    pub fn delay_after(&self, number: i64, retry_after: Option<Duration>) -> Option<Duration> {
-        let scheduled = *self.schedule.get(usize::try_from(number - 1).ok()?)?;
-        if let Some(asked) = retry_after {
-            return Some(asked.min(self.max_delay()));
+    /// The delays that apply to `delivery`: its webhook's own, or else the
+    /// server's.
+    fn schedule_for<'a>(&'a self, delivery: &'a ClaimedDelivery) -> &'a [Duration] {
+        match &delivery.retry_schedule {
+            Some(own) => own.delays(),
+            None => &self.schedule,
         }
-        Some(scheduled.mul_f64(rand::rng().random_range(0.9..=1.1)))
     }
 
     /// Turns one attempt's result into the record the store applies.
@@ -56,10 +55,11 @@ impl RetryPolicy {
         now: Millis,
     ) -> AttemptRecord {
         let number = delivery.attempts + 1;
+        let schedule = self.schedule_for(delivery);
         let throttled_until = lane::throttle(
             result.status_code,
             result.retry_after,
-            self.max_delay(),
+            max_delay(schedule),
             now,
         );
         let (next, webhook) = match result.kind {
@@ -74,7 +74,7 @@ impl RetryPolicy {
             ),
             _ => {
                 let error = result.summary();
-                let next = match self.delay_after(number, result.retry_after) {
+                let next = match delay_after(schedule, number, result.retry_after) {
                     Some(delay) => NextState::Retry {
                         due_at: now + millis(delay),
                         error,
@@ -140,6 +140,26 @@ impl RetryPolicy {
         };
         record(delivery, None, next, WebhookEffect::None, now)
     }
+}
+
+fn max_delay(schedule: &[Duration]) -> Duration {
+    schedule.iter().copied().max().unwrap_or_default()
+}
+
+/// How long to wait after failed attempt `number` (1-based), or `None`
+/// when it was the last. The receiver's `Retry-After` wins, capped at the
+/// schedule's largest delay; otherwise the schedule, with ±10% jitter so a
+/// recovering receiver is not hit by every retry at once.
+fn delay_after(
+    schedule: &[Duration],
+    number: i64,
+    retry_after: Option<Duration>,
+) -> Option<Duration> {
+    let scheduled = *schedule.get(usize::try_from(number - 1).ok()?)?;
+    if let Some(asked) = retry_after {
+        return Some(asked.min(max_delay(schedule)));
+    }
+    Some(scheduled.mul_f64(rand::rng().random_range(0.9..=1.1)))
 }
 
 /// The record for `delivery`'s current claim.

@@ -5,7 +5,9 @@
 
 use super::ids::{AppId, AttemptId, ClaimToken, DeliveryId, EventId, PluginId, WebhookId};
 use super::states::{AttemptOutcome, DeliveryStatus, PluginFailure};
-use super::values::{CustomHeaders, EventType, EventTypeFilter, InFlightLimit, RateLimit};
+use super::values::{
+    CustomHeaders, EventType, EventTypeFilter, InFlightLimit, RateLimit, RetrySchedule,
+};
 use crate::clock::Millis;
 
 #[derive(Debug, Clone)]
@@ -45,6 +47,8 @@ pub struct Webhook {
     pub max_in_flight: Option<InFlightLimit>,
     /// `None`: no limit.
     pub rate_limit: Option<RateLimit>,
+    /// `None`: the server's.
+    pub retry_schedule: Option<RetrySchedule>,
     pub secret: String,
     pub previous_secret: Option<String>,
     pub previous_secret_expires_at: Option<Millis>,
@@ -66,6 +70,8 @@ pub struct WebhookFields {
     pub max_in_flight: Option<InFlightLimit>,
     /// `None`: no limit.
     pub rate_limit: Option<RateLimit>,
+    /// `None`: the server's.
+    pub retry_schedule: Option<RetrySchedule>,
     pub plugin: Option<AttachedPlugin>,
 }
 
@@ -266,6 +272,8 @@ pub struct ClaimedDelivery {
     /// Its event's ordering key, if any: ending this delivery lets the
     /// next one of the key go.
     pub ordering_key: Option<String>,
+    /// Its webhook's own retry schedule; `None`: the server's.
+    pub retry_schedule: Option<RetrySchedule>,
 }
 
 impl ClaimedDelivery {

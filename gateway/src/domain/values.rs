@@ -241,6 +241,71 @@ impl RateLimit {
     }
 }
 
+/// The delays between a delivery's attempts: one more attempt is made
+/// than there are delays. A webhook may carry its own in place of the
+/// server's (`WASMHOOK_RETRY_SCHEDULE`). Bounded in steps and in total, so
+/// that a delivery ends, delivered or dead, well within retention's
+/// default 30 days.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetrySchedule(Vec<std::time::Duration>);
+
+impl RetrySchedule {
+    pub const MAX_STEPS: usize = 30;
+    pub const MAX_TOTAL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+    /// Each step a duration such as `5s`, `10m` or `1h 30m`; none zero.
+    pub fn parse<S: AsRef<str>>(steps: &[S]) -> Result<Self, String> {
+        if steps.len() > Self::MAX_STEPS {
+            return Err(format!(
+                "has {} steps; at most {}",
+                steps.len(),
+                Self::MAX_STEPS
+            ));
+        }
+        let mut delays = Vec::with_capacity(steps.len());
+        for step in steps {
+            let step = step.as_ref().trim();
+            let delay = humantime::parse_duration(step)
+                .map_err(|e| format!("`{}` is not a duration: {e}", quoted(step)))?;
+            if delay.is_zero() {
+                return Err("a step of zero would retry at once; give each a delay".into());
+            }
+            delays.push(delay);
+        }
+        let total: std::time::Duration = delays.iter().sum();
+        if total > Self::MAX_TOTAL {
+            return Err(format!(
+                "adds up to {}; at most {}",
+                humantime::format_duration(total),
+                humantime::format_duration(Self::MAX_TOTAL)
+            ));
+        }
+        Ok(Self(delays))
+    }
+
+    /// The stored form: the steps joined by commas.
+    pub fn from_text(text: &str) -> Result<Self, String> {
+        let steps: Vec<&str> = text.split(',').filter(|s| !s.trim().is_empty()).collect();
+        Self::parse(&steps)
+    }
+
+    pub fn to_text(&self) -> String {
+        self.steps().join(",")
+    }
+
+    /// Each delay as a duration string (`5s`, `1h 30m`).
+    pub fn steps(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|d| humantime::format_duration(*d).to_string())
+            .collect()
+    }
+
+    pub fn delays(&self) -> &[std::time::Duration] {
+        &self.0
+    }
+}
+
 /// The most bytes kept of any text a receiver or a plugin hands us that is
 /// stored, logged or returned: attempt errors, plugin error messages.
 pub const MAX_FOREIGN_TEXT: usize = 4096;
@@ -323,6 +388,35 @@ mod tests {
         assert!(cut.ends_with("(20000 bytes cut)"), "{cut}");
         assert!(cut.starts_with("éé"));
         assert!(quoted(&"x".repeat(1 << 20)).len() <= 88);
+    }
+
+    #[test]
+    fn a_retry_schedule_is_bounded_and_round_trips() {
+        let schedule = RetrySchedule::parse(&["5s", "10m", "1h 30m"]).unwrap();
+        assert_eq!(schedule.steps(), vec!["5s", "10m", "1h 30m"]);
+        assert_eq!(RetrySchedule::from_text(&schedule.to_text()), Ok(schedule));
+        assert!(
+            RetrySchedule::parse::<&str>(&[])
+                .unwrap()
+                .delays()
+                .is_empty()
+        );
+        assert!(
+            RetrySchedule::parse(&["soon"])
+                .unwrap_err()
+                .contains("soon")
+        );
+        assert!(RetrySchedule::parse(&["0s"]).is_err());
+        assert!(
+            RetrySchedule::parse(&["1s"; 31])
+                .unwrap_err()
+                .contains("31 steps")
+        );
+        assert!(
+            RetrySchedule::parse(&["4days", "4days"])
+                .unwrap_err()
+                .contains("adds up")
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::domain::lane::{Breaker, LaneState};
 use crate::domain::{
     App, AttachedPlugin, Attempt, AttemptOutcome, ClaimedDelivery, ClaimedPlugin, CustomHeaders,
     Delivery, DeliveryStatus, Event, EventTypeFilter, InFlightLimit, Plugin, PluginCode,
-    PluginFailure, RateLimit, Webhook, WebhookId,
+    PluginFailure, RateLimit, RetrySchedule, Webhook, WebhookId,
 };
 
 /// A lane's state, as [`lane_state`] reads it.
@@ -17,7 +17,8 @@ pub(super) const LANE_COLUMNS: &str = "webhook_id, next_due_at, parked, streak, 
 pub(super) const APP_COLUMNS: &str = "id, uid, name, created_at, updated_at";
 pub(super) const WEBHOOK_COLUMNS: &str = "id, app_id, url, description, event_types, enabled, \
      disabled_reason, headers, raw_payload, secret, previous_secret, previous_secret_expires_at, \
-     created_at, updated_at, plugin_id, plugin_config, max_in_flight, rate_limit, rate_limit_burst";
+     created_at, updated_at, plugin_id, plugin_config, max_in_flight, rate_limit, rate_limit_burst, \
+     retry_schedule";
 pub(super) const PLUGIN_COLUMNS: &str = "id, name, version, sha256, size, created_at";
 pub(super) const PLUGIN_CODE_COLUMNS: &str = "sha256, wasm, artifact, artifact_key";
 pub(super) const EVENT_COLUMNS: &str = "id, app_id, event_type, payload, ordering_key, created_at";
@@ -31,7 +32,7 @@ pub(super) const CLAIMED_COLUMNS: &str = "d.id, d.claim_token, d.attempts, \
      e.id AS event_id, e.event_type, e.payload, e.created_at AS event_created_at, e.ordering_key, \
      w.id AS webhook_id, w.url, w.enabled, w.disabled_reason, w.headers, w.raw_payload, w.secret, \
      w.previous_secret, w.previous_secret_expires_at, a.id AS app_id, a.uid AS app_uid, \
-     w.plugin_id, w.plugin_config, p.sha256 AS plugin_sha256";
+     w.plugin_id, w.plugin_config, p.sha256 AS plugin_sha256, w.retry_schedule";
 pub(super) const CLAIMED_JOINS: &str = "JOIN events e ON e.app_id = d.app_id AND e.id = d.event_id \
      JOIN webhooks w ON w.id = d.webhook_id JOIN apps a ON a.id = d.app_id \
      LEFT JOIN plugins p ON p.id = w.plugin_id";
@@ -97,6 +98,12 @@ fn max_in_flight(r: &impl ReadRow) -> StoreResult<Option<InFlightLimit>> {
     ))
 }
 
+fn retry_schedule(r: &impl ReadRow) -> StoreResult<Option<RetrySchedule>> {
+    r.value::<Option<String>>("retry_schedule")?
+        .map(|text| RetrySchedule::from_text(&text).map_err(|e| corrupt("retry_schedule", e)))
+        .transpose()
+}
+
 fn rate_limit(r: &impl ReadRow) -> StoreResult<Option<RateLimit>> {
     match r.value::<Option<i64>>("rate_limit")? {
         Some(per_second) => Ok(Some(stored_rate(per_second, r.value("rate_limit_burst")?)?)),
@@ -148,6 +155,7 @@ pub(super) fn webhook(r: &impl ReadRow) -> StoreResult<Webhook> {
         raw_payload: r.value("raw_payload")?,
         max_in_flight: max_in_flight(r)?,
         rate_limit: rate_limit(r)?,
+        retry_schedule: retry_schedule(r)?,
         secret: r.value("secret")?,
         previous_secret: r.value("previous_secret")?,
         previous_secret_expires_at: r.value("previous_secret_expires_at")?,
@@ -286,5 +294,11 @@ pub(super) fn claimed(r: &impl ReadRow) -> StoreResult<ClaimedDelivery> {
         app_uid: r.value("app_uid")?,
         plugin,
         ordering_key: r.value("ordering_key")?,
+        // As with headers: an unreadable schedule must not fail every
+        // claim; the server's applies, and the log says why.
+        retry_schedule: retry_schedule(r).unwrap_or_else(|error| {
+            tracing::warn!(%error, "a webhook's stored retry schedule is unreadable; using the server's");
+            None
+        }),
     })
 }

@@ -322,6 +322,30 @@ async fn bad_input_gets_a_4xx_naming_the_problem() {
             "rate_limit_burst",
         ),
         (
+            "/webhooks",
+            json!({"url": url, "retry_schedule": ["5s", "soon"]}),
+            StatusCode::BAD_REQUEST,
+            "retry_schedule",
+        ),
+        (
+            "/webhooks",
+            json!({"url": url, "retry_schedule": ["0s"]}),
+            StatusCode::BAD_REQUEST,
+            "retry_schedule",
+        ),
+        (
+            "/webhooks",
+            json!({"url": url, "retry_schedule": vec!["1s"; 31]}),
+            StatusCode::BAD_REQUEST,
+            "retry_schedule",
+        ),
+        (
+            "/webhooks",
+            json!({"url": url, "retry_schedule": ["5d", "5d"]}),
+            StatusCode::BAD_REQUEST,
+            "retry_schedule",
+        ),
+        (
             "/events",
             json!({"payload": {}}),
             StatusCode::UNPROCESSABLE_ENTITY,

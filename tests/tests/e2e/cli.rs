@@ -96,6 +96,8 @@ async fn an_admin_runs_the_whole_flow_from_the_command_line() {
             "500",
             "--rate-limit-burst",
             "50",
+            "--retry-schedule",
+            "10s,5m",
             "--json",
         ],
     )
@@ -112,6 +114,7 @@ async fn an_admin_runs_the_whole_flow_from_the_command_line() {
         ),
         (json!(500), json!(50))
     );
+    assert_eq!(created["retry_schedule"], json!(["10s", "5m"]));
     world.remember_secret("/cli", &secret);
     let updated = admin(
         gateway,
@@ -146,12 +149,14 @@ async fn an_admin_runs_the_whole_flow_from_the_command_line() {
             "--app",
             "shop",
             "--no-rate-limit",
+            "--default-retry-schedule",
             "--json",
         ],
     )
     .await
     .json();
     assert_eq!(lifted["rate_limit"], serde_json::Value::Null);
+    assert_eq!(lifted["retry_schedule"], serde_json::Value::Null);
     let table = admin(gateway, &["webhook", "list", "--app", "shop"])
         .await
         .stdout;

@@ -121,6 +121,49 @@ async fn dead_after_the_last_attempt_then_manual_retry_delivers() {
     assert_eq!(world.receiver.count(), 5);
 }
 
+/// A webhook's own `retry_schedule` replaces the server's for its
+/// deliveries only; null gives the server's back.
+#[tokio::test]
+async fn a_webhooks_own_retry_schedule_decides_its_attempts() {
+    let world = World::new().await;
+    let (own, _) = world
+        .webhook("/own", json!({"retry_schedule": ["100ms"]}))
+        .await;
+    world.webhook("/server", json!({})).await;
+    world.receiver.always(Reply::status(500));
+    let (_, shown) = world
+        .gateway
+        .get(&world.path(&format!("/webhooks/{own}")))
+        .await;
+    assert_eq!(shown["retry_schedule"], json!(["100ms"]));
+
+    let accepted = world.publish("a.b", json!({})).await;
+    for delivery in accepted["deliveries"].as_array().unwrap() {
+        let id = delivery["id"].as_str().unwrap();
+        let dead = world
+            .gateway
+            .wait_for_delivery(&world.app, id, "dead", PATIENCE)
+            .await;
+        // One delay: two attempts; the server's three: four.
+        let expected = if delivery["webhook_id"] == own { 2 } else { 4 };
+        assert_eq!(dead["attempt_count"], expected, "{delivery}");
+    }
+    world
+        .receiver
+        .expect_no_more(6, Duration::from_millis(500))
+        .await;
+
+    let (status, back) = world
+        .gateway
+        .patch(
+            &world.path(&format!("/webhooks/{own}")),
+            json!({"retry_schedule": null}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{back}");
+    assert_eq!(back["retry_schedule"], Value::Null);
+}
+
 #[tokio::test]
 async fn gone_disables_the_webhook_at_once() {
     let world = World::new().await;

@@ -158,6 +158,7 @@ pub fn fields(url: &str) -> WebhookFields {
         raw_payload: false,
         max_in_flight: None,
         rate_limit: None,
+        retry_schedule: None,
         plugin: None,
     }
 }

@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../../migrations/postgres/0007_breakers.sql"),
     include_str!("../../../../migrations/postgres/0008_ordering.sql"),
     include_str!("../../../../migrations/postgres/0009_ordering_keys.sql"),
+    include_str!("../../../../migrations/postgres/0010_webhook_retry_schedule.sql"),
 ];
 /// Any constant: the key of the advisory lock migrations hold.
 const LOCK_KEY: i64 = 0x7761_736d_686f_6f6b;

@@ -25,8 +25,8 @@ use crate::domain::lane::{BreakerPolicy, LaneState};
 use crate::domain::{
     App, AppId, Attempt, AttemptId, AttemptRecord, AttemptRow, ClaimRequest, ClaimedDelivery,
     Delivery, DeliveryId, DeliveryStatus, Event, EventId, HeldClaim, KeyId, NewEvent, NewPlugin,
-    PageRequest, Plugin, PluginCode, PluginId, Published, QueueStats, Queued, Upload, Webhook,
-    WebhookEffect, WebhookFields, WebhookId,
+    PageRequest, Plugin, PluginCode, PluginId, Published, QueueStats, Queued, RetrySchedule,
+    Upload, Webhook, WebhookEffect, WebhookFields, WebhookId,
 };
 
 /// A new event with its deliveries, in one statement and transaction,
@@ -269,8 +269,9 @@ impl PostgresStore {
         let sql = format!(
             "WITH created AS ( \
                  INSERT INTO webhooks (id, app_id, url, description, event_types, enabled, headers, raw_payload, \
-                 secret, created_at, updated_at, plugin_id, plugin_config, max_in_flight, rate_limit, rate_limit_burst) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12, $13, $14, $15) \
+                 secret, created_at, updated_at, plugin_id, plugin_config, max_in_flight, rate_limit, rate_limit_burst, \
+                 retry_schedule) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12, $13, $14, $15, $16) \
                  RETURNING {WEBHOOK_COLUMNS}), \
              {} \
              SELECT * FROM created",
@@ -292,6 +293,7 @@ impl PostgresStore {
             .bind(f.max_in_flight.map(|m| i64::from(m.get())))
             .bind(f.rate_limit.map(|r| i64::from(r.per_second())))
             .bind(f.rate_limit.map(|r| i64::from(r.burst())))
+            .bind(f.retry_schedule.as_ref().map(RetrySchedule::to_text))
             .fetch_one(&self.pool)
             .await
             .map_err(|e| on_violation(e, FOREIGN_KEY_VIOLATION, StoreError::PluginMissing))?;
@@ -337,7 +339,8 @@ impl PostgresStore {
              disabled_reason = CASE WHEN $6 THEN NULL ELSE disabled_reason END, \
              failing_since = CASE WHEN $6 AND NOT enabled THEN NULL ELSE failing_since END, \
              enabled = $6, updated_at = $7, plugin_id = $10, plugin_config = $11, max_in_flight = $12, \
-             rate_limit = $13, rate_limit_burst = $14 WHERE app_id = $8 AND id = $9 RETURNING {WEBHOOK_COLUMNS}"
+             rate_limit = $13, rate_limit_burst = $14, retry_schedule = $15 \
+             WHERE app_id = $8 AND id = $9 RETURNING {WEBHOOK_COLUMNS}"
         );
         let row = sqlx::query(&sql)
             .bind(&f.url)
@@ -354,6 +357,7 @@ impl PostgresStore {
             .bind(f.max_in_flight.map(|m| i64::from(m.get())))
             .bind(f.rate_limit.map(|r| i64::from(r.per_second())))
             .bind(f.rate_limit.map(|r| i64::from(r.burst())))
+            .bind(f.retry_schedule.as_ref().map(RetrySchedule::to_text))
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| on_violation(e, FOREIGN_KEY_VIOLATION, StoreError::PluginMissing))?;

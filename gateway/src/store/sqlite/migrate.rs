@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../../migrations/sqlite/0006_rate_limits.sql"),
     include_str!("../../../../migrations/sqlite/0007_breakers.sql"),
     include_str!("../../../../migrations/sqlite/0008_ordering.sql"),
+    include_str!("../../../../migrations/sqlite/0009_webhook_retry_schedule.sql"),
 ];
 
 pub fn run(connection: &mut Connection) -> StoreResult<()> {

@@ -21,7 +21,7 @@ use crate::domain::{
     App, AppId, Attempt, AttemptId, AttemptRecord, ClaimRequest, ClaimedDelivery, Delivery,
     DeliveryId, DeliveryStatus, Event, EventId, HeldClaim, InFlightLimit, KeyId, NewEvent,
     NewPlugin, PageRequest, Plugin, PluginCode, PluginId, Published, QueueStats, Queued, RateLimit,
-    Upload, Webhook, WebhookEffect, WebhookFields, WebhookId,
+    RetrySchedule, Upload, Webhook, WebhookEffect, WebhookFields, WebhookId,
 };
 
 /// An app's enabled webhooks, for fan-out: (app id).
@@ -221,7 +221,7 @@ impl SqliteStore {
                 c.prepare_cached(
                     "INSERT INTO webhooks (id, app_id, url, description, event_types, enabled, headers, raw_payload, \
                      secret, created_at, updated_at, plugin_id, plugin_config, max_in_flight, rate_limit, \
-                     rate_limit_burst) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     rate_limit_burst, retry_schedule) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )?
                 .execute(params![
                     id.as_str(),
@@ -239,7 +239,8 @@ impl SqliteStore {
                     f.plugin.as_ref().map(|p| &p.config),
                     f.max_in_flight.map(InFlightLimit::get),
                     f.rate_limit.map(RateLimit::per_second),
-                    f.rate_limit.map(RateLimit::burst)
+                    f.rate_limit.map(RateLimit::burst),
+                    f.retry_schedule.as_ref().map(RetrySchedule::to_text)
                 ])
                 .map_err(|e| on_constraint(e, StoreError::PluginMissing))?;
                 c.prepare_cached(lanes::CREATE)?.execute([id.as_str()])?;
@@ -291,7 +292,8 @@ impl SqliteStore {
                          disabled_reason = CASE WHEN ?6 THEN NULL ELSE disabled_reason END, \
                          failing_since = CASE WHEN ?6 AND NOT enabled THEN NULL ELSE failing_since END, \
                          enabled = ?6, updated_at = ?7, plugin_id = ?10, plugin_config = ?11, max_in_flight = ?12, \
-                         rate_limit = ?13, rate_limit_burst = ?14 WHERE app_id = ?8 AND id = ?9",
+                         rate_limit = ?13, rate_limit_burst = ?14, retry_schedule = ?15 \
+                         WHERE app_id = ?8 AND id = ?9",
                     )?
                     .execute(params![
                         f.url,
@@ -307,7 +309,8 @@ impl SqliteStore {
                         f.plugin.as_ref().map(|p| &p.config),
                         f.max_in_flight.map(InFlightLimit::get),
                         f.rate_limit.map(RateLimit::per_second),
-                        f.rate_limit.map(RateLimit::burst)
+                        f.rate_limit.map(RateLimit::burst),
+                        f.retry_schedule.as_ref().map(RetrySchedule::to_text)
                     ])
                     .map_err(|e| on_constraint(e, StoreError::PluginMissing))?;
                 found(changed as u64)?;
@@ -1001,6 +1004,7 @@ mod tests {
             raw_payload: false,
             max_in_flight: None,
             rate_limit: None,
+            retry_schedule: None,
             plugin: None,
         };
         store

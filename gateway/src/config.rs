@@ -161,6 +161,17 @@ pub struct Settings {
     #[arg(long, env = "WASMHOOK_RETENTION_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub retention_interval: Duration,
 
+    /// How long a client may take to send a request's head, and how long
+    /// an idle keep-alive connection stays open.
+    #[arg(long, env = "WASMHOOK_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Open API connections at most; past it a new one is answered 503
+    /// and closed. Keep it below the process's open-file limit.
+    #[arg(long, env = "WASMHOOK_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// How long shutdown waits for in-flight deliveries before releasing
     /// them back to the queue.
     #[arg(long, env = "WASMHOOK_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]

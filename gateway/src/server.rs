@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::listener::HttpLimits;
 use crate::api::{self, AppState, Limits, token_hash};
 use crate::config::{Role, Settings};
 use crate::delivery::{RetryPolicy, Sender, Worker, WorkerConfig};
@@ -32,8 +33,6 @@ pub enum StartError {
     Sender(#[from] crate::delivery::sender::SenderError),
     #[error("plugin host: {0}")]
     Plugins(#[from] PluginError),
-    #[error("server failed: {0}")]
-    Serve(std::io::Error),
 }
 
 /// A gateway ready to run: database open, port bound.
@@ -43,6 +42,7 @@ pub struct Gateway {
     worker: Worker,
     retention: Retention,
     role: Role,
+    http: HttpLimits,
     /// Set when this start generated the admin token: shown once.
     pub generated_admin_token: Option<String>,
 }
@@ -116,6 +116,10 @@ impl Gateway {
             worker,
             retention,
             role: settings.role,
+            http: HttpLimits {
+                header_read_timeout: settings.header_read_timeout,
+                max_connections: settings.max_connections as usize,
+            },
             generated_admin_token,
         })
     }
@@ -140,16 +144,14 @@ impl Gateway {
         // stay light.
         let retention = delivers.then(|| tokio::spawn(self.retention.run(shutdown.clone())));
         let app = api::router(self.state, self.role.serves_api());
-        let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await;
+        api::listener::serve(self.listener, app, self.http, shutdown.clone()).await;
         // The worker may still be draining after the API stopped.
         shutdown.cancel();
         for task in [worker, retention].into_iter().flatten() {
             let _ = task.await;
         }
         store.close().await;
-        served.map_err(StartError::Serve)
+        Ok(())
     }
 }
 

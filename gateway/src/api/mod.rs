@@ -11,6 +11,7 @@ mod error;
 mod events;
 mod extract;
 mod health;
+pub mod listener;
 mod metrics;
 mod openapi;
 mod plugins;

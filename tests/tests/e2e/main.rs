@@ -4,6 +4,7 @@
 
 mod api;
 mod cli;
+mod clients;
 mod delivery;
 mod fairness;
 mod faults;

@@ -22,10 +22,12 @@
 //! statement's result reads the key rows' CTEs before it joins the lanes.
 //!
 //! An earlier form serialised the two with transaction-level advisory
-//! locks, which needed a statement after the lock to read the queue (a
-//! PL/pgSQL function per publish, an extra statement per record) and a
-//! lookup of the key's last delivery; with 1,000 keys it delivered at
-//! 0.62-0.87 of the unkeyed rate, against the target of 0.8.
+//! locks. A lock gives no snapshot after it, so each needed a statement
+//! of its own after the lock (a PL/pgSQL function per publish, one more
+//! statement per record, holding the record's lanes locked longer) and a
+//! lookup of the key's last delivery: keyed delivery ran well short of
+//! the ordering-cost target. A row read at its latest version needs none
+//! of that.
 
 use std::sync::LazyLock;
 

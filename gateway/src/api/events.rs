@@ -13,7 +13,7 @@ use super::extract::{ApiJson, ApiPath, Caller};
 use super::openapi::ErrorResponses;
 use crate::clock::{millis, now_ms, rfc3339};
 use crate::domain::ordering::OrderingKey;
-use crate::domain::{EventId, EventType, NewEvent, parse_event_id};
+use crate::domain::{AppId, Event, EventId, EventType, NewEvent, WebhookId, parse_event_id};
 
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
@@ -48,6 +48,30 @@ pub struct Queued {
 pub struct Accepted {
     id: String,
     deliveries: Vec<Queued>,
+}
+
+impl Accepted {
+    fn new(event: EventId, queued: Vec<crate::domain::Queued>) -> Self {
+        let deliveries = queued
+            .into_iter()
+            .map(|q| Queued {
+                id: q.id.into(),
+                webhook_id: q.webhook_id.into(),
+            })
+            .collect();
+        Self {
+            id: event.into(),
+            deliveries,
+        }
+    }
+}
+
+async fn find(state: &AppState, app_id: &AppId, id: &EventId) -> ApiResult<Event> {
+    state
+        .store
+        .event(app_id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("event", id))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
@@ -119,18 +143,7 @@ pub async fn publish(
     if published.replayed {
         response_headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-    let deliveries = published
-        .deliveries
-        .into_iter()
-        .map(|queued| Queued {
-            id: queued.id.into(),
-            webhook_id: queued.webhook_id.into(),
-        })
-        .collect();
-    let accepted = Accepted {
-        id: published.event_id.into(),
-        deliveries,
-    };
+    let accepted = Accepted::new(published.event_id, published.deliveries);
     Ok((StatusCode::ACCEPTED, response_headers, Json(accepted)))
 }
 
@@ -159,11 +172,7 @@ pub async fn show(
     ApiPath((app, id)): ApiPath<(String, EventId)>,
 ) -> ApiResult<Json<EventView>> {
     let app = caller.app(&state, &app).await?;
-    let event = state
-        .store
-        .event(&app.id, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("event", &id))?;
+    let event = find(&state, &app.id, &id).await?;
     let payload = RawValue::from_string(event.payload).map_err(ApiError::corrupt)?;
     Ok(Json(EventView {
         id: event.id.into(),
@@ -173,4 +182,53 @@ pub async fn show(
         ordering_key: event.ordering_key,
         created_at: rfc3339(event.created_at),
     }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayEvent {
+    /// One webhook of the app to send the event to (whatever its event
+    /// filter); omit to send it to every webhook subscribed to its type
+    /// now, including webhooks created after the event.
+    webhook_id: Option<String>,
+}
+
+/// Sends an event again: new deliveries, due now, carrying the same
+/// `webhook-id` as the first ones so receivers can deduplicate. They go
+/// outside the order of the event's ordering key, if it has one.
+#[utoipa::path(
+    post,
+    path = "/apps/{app}/events/{id}/replay",
+    tag = "events",
+    params(("app" = String, Path, description = "App id or uid"), ("id" = String, Path, description = "Event id")),
+    request_body = ReplayEvent,
+    responses((status = 202, description = "The new deliveries, queued before this answer", body = Accepted), ErrorResponses)
+)]
+pub async fn replay(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((app, id)): ApiPath<(String, EventId)>,
+    ApiJson(body): ApiJson<ReplayEvent>,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    let app = caller.app(&state, &app).await?;
+    let event = find(&state, &app.id, &id).await?;
+    let webhook = match &body.webhook_id {
+        Some(webhook) => {
+            let webhook = WebhookId::from(webhook.as_str());
+            state
+                .store
+                .webhook(&app.id, &webhook)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::invalid("webhook_id", format!("no webhook `{webhook}` in this app"))
+                })?;
+            Some(webhook)
+        }
+        None => None,
+    };
+    let queued = state.store.replay_event(&event, webhook.as_ref()).await?;
+    if !queued.is_empty() {
+        state.wake.notify_one();
+    }
+    Ok((StatusCode::ACCEPTED, Json(Accepted::new(event.id, queued))))
 }

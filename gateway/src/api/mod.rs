@@ -139,6 +139,7 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(deliveries::for_webhook))
         .routes(routes!(events::publish))
         .routes(routes!(events::show))
+        .routes(routes!(events::replay))
         .routes(routes!(deliveries::for_event))
         .routes(routes!(deliveries::show))
         .routes(routes!(deliveries::retry))

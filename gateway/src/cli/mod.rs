@@ -145,28 +145,39 @@ pub enum WebhookCommand {
 #[derive(Debug, Subcommand)]
 pub enum EventCommand {
     /// Publish an event to every subscribed webhook.
-    Publish {
-        event_type: String,
-        /// The payload, JSON text.
-        #[arg(
-            long,
-            conflicts_with = "payload_file",
-            required_unless_present = "payload_file"
-        )]
-        payload: Option<String>,
-        /// The payload, from a JSON file.
+    Publish(PublishArgs),
+    /// Send an event again: to one webhook, or to every webhook subscribed
+    /// now (with the same `webhook-id`, so receivers can deduplicate).
+    Replay {
+        event: String,
+        /// Only this webhook (whatever its event filter).
         #[arg(long)]
-        payload_file: Option<PathBuf>,
-        /// Your id for the event (repeats within the window are ignored).
-        #[arg(long)]
-        id: Option<String>,
-        #[arg(long)]
-        idempotency_key: Option<String>,
-        /// Events with the same key reach each webhook one at a time, in
-        /// publish order.
-        #[arg(long)]
-        ordering_key: Option<String>,
+        webhook: Option<String>,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PublishArgs {
+    event_type: String,
+    /// The payload, JSON text.
+    #[arg(
+        long,
+        conflicts_with = "payload_file",
+        required_unless_present = "payload_file"
+    )]
+    payload: Option<String>,
+    /// The payload, from a JSON file.
+    #[arg(long)]
+    payload_file: Option<PathBuf>,
+    /// Your id for the event (repeats within the window are ignored).
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Events with the same key reach each webhook one at a time, in
+    /// publish order.
+    #[arg(long)]
+    ordering_key: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -389,14 +400,27 @@ async fn event(
     scope: &AppScope,
     command: EventCommand,
 ) -> Result<(), CliError> {
-    let EventCommand::Publish {
+    let args = match command {
+        EventCommand::Publish(args) => args,
+        EventCommand::Replay { event, webhook } => {
+            let body = match webhook {
+                Some(webhook) => json!({ "webhook_id": webhook }),
+                None => json!({}),
+            };
+            let path = format!("{}/events/{event}/replay", scope.path()?);
+            let accepted = client.post(&path, &body).await?;
+            report_queued(out, &accepted, "queued again");
+            return Ok(());
+        }
+    };
+    let PublishArgs {
         event_type,
         payload,
         payload_file,
         id,
         idempotency_key,
         ordering_key,
-    } = command;
+    } = args;
     let payload = match (payload, payload_file) {
         (Some(text), _) => parse_json("--payload", &text)?,
         (None, Some(file)) => read_json(&file)?,
@@ -415,23 +439,28 @@ async fn event(
         request = request.header("idempotency-key", key);
     }
     let accepted = client.send(request).await?;
-    if out.json {
-        out.record(&accepted);
-    } else {
-        let deliveries = accepted["deliveries"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        out.done(&format!(
-            "event {} accepted, {} deliveries queued",
-            accepted["id"].as_str().unwrap_or("?"),
-            deliveries.len()
-        ));
-        if !deliveries.is_empty() {
-            out.list(&deliveries, &["id", "webhook_id"]);
-        }
-    }
+    report_queued(out, &accepted, "accepted");
     Ok(())
+}
+
+/// An event's id and the deliveries an answer says were queued.
+fn report_queued(out: &Output, accepted: &Value, what: &str) {
+    if out.json {
+        out.record(accepted);
+        return;
+    }
+    let deliveries = accepted["deliveries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    out.done(&format!(
+        "event {} {what}, {} deliveries queued",
+        accepted["id"].as_str().unwrap_or("?"),
+        deliveries.len()
+    ));
+    if !deliveries.is_empty() {
+        out.list(&deliveries, &["id", "webhook_id"]);
+    }
 }
 
 async fn delivery(

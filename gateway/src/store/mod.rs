@@ -29,7 +29,7 @@ use crate::domain::lane::{BreakerPolicy, LaneState};
 use crate::domain::{
     App, AppId, Attempt, AttemptRecord, ClaimRequest, ClaimedDelivery, Delivery, DeliveryId,
     DeliveryStatus, Event, EventId, HeldClaim, KeyId, NewEvent, NewPlugin, PageRequest, Plugin,
-    PluginCode, PluginId, Published, QueueStats, Upload, Webhook, WebhookFields, WebhookId,
+    PluginCode, PluginId, Published, QueueStats, Queued, Upload, Webhook, WebhookFields, WebhookId,
 };
 
 /// The one storage interface: the backend the database URL names.
@@ -222,6 +222,10 @@ delegate! {
     /// Queues a delivery for an attempt now, whatever its state, unless a
     /// worker is sending it at this moment ([`StoreError::DeliveryInFlight`]).
     fn retry_delivery(&self, app_id: &AppId, id: &DeliveryId) -> StoreResult<Delivery>;
+    /// Queues `event` again, due now, to `webhook` or else to every
+    /// webhook subscribed to its type now: new deliveries of the same
+    /// event, outside any ordering key's order (an operator asked).
+    fn replay_event(&self, event: &Event, webhook: Option<&WebhookId>) -> StoreResult<Vec<Queued>>;
     /// Claims up to `request.limit` due deliveries for `request.lease`,
     /// lane by lane (a lane is one webhook's deliveries), the lane with the
     /// oldest due work first, never more of one webhook's than its

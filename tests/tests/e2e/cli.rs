@@ -214,6 +214,15 @@ async fn an_admin_runs_the_whole_flow_from_the_command_line() {
     );
     admin(gateway, &["delivery", "retry", &delivery, "--app", "shop"]).await;
     world.wait_for(2, PATIENCE).await;
+    let replayed = admin(gateway, &["event", "replay", event_id, "--app", "shop"])
+        .await
+        .stdout;
+    assert!(
+        replayed.contains("queued again, 1 deliveries queued"),
+        "{replayed}"
+    );
+    let got = world.wait_for(3, PATIENCE).await;
+    assert_eq!(got[2].header("webhook-id"), Some(event_id));
 
     let rotated = admin(
         gateway,
@@ -312,8 +321,8 @@ async fn an_admin_runs_the_whole_flow_from_the_command_line() {
     )
     .await;
     // Signed with both secrets now (rotation overlap): not re-verified here.
-    let got = world.receiver.wait_for(3, PATIENCE).await;
-    assert_eq!(got[2].json()["data"], json!({"n": 3}));
+    let got = world.receiver.wait_for(4, PATIENCE).await;
+    assert_eq!(got[3].json()["data"], json!({"n": 3}));
 
     admin(gateway, &["webhook", "delete", &webhook, "--app", "shop"]).await;
     let gone = cli(

@@ -13,6 +13,7 @@ mod operations;
 mod ordering;
 mod plugins;
 mod receivers;
+mod recovery;
 mod restart;
 mod retries;
 mod scale_out;

@@ -657,6 +657,24 @@ impl PostgresStore {
         }
     }
 
+    pub async fn replay_event(
+        &self,
+        event: &Event,
+        webhook: Option<&WebhookId>,
+    ) -> StoreResult<Vec<Queued>> {
+        let mut tx = self.pool.begin().await?;
+        let deliveries = match webhook {
+            Some(webhook) => vec![Queued {
+                id: DeliveryId::new(),
+                webhook_id: webhook.clone(),
+            }],
+            None => subscribed_deliveries(&mut tx, &event.app_id, &event.event_type).await?,
+        };
+        queue_unordered(&mut tx, &deliveries, (&event.app_id, &event.id), now_ms()).await?;
+        tx.commit().await?;
+        Ok(deliveries)
+    }
+
     // ---- the queue -----------------------------------------------------
 
     /// Two statements in one transaction: lock lanes with due work that no
@@ -853,12 +871,7 @@ async fn publish(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Publishe
     .bind(now)
     .execute(&mut *c)
     .await?;
-    queue_unordered(c, &deliveries, event, now).await?;
-    sqlx::query(&lanes::WAKE)
-        .bind(now)
-        .bind(webhook_ids(&deliveries))
-        .execute(&mut *c)
-        .await?;
+    queue_unordered(c, &deliveries, (&event.app_id, &event.id), now).await?;
     let published = Published {
         event_id: event.id.clone(),
         deliveries,
@@ -891,7 +904,7 @@ async fn publish_unordered(
 async fn queue_unordered(
     c: &mut PgConnection,
     deliveries: &[Queued],
-    event: &NewEvent,
+    (app_id, event_id): (&AppId, &EventId),
     now: Millis,
 ) -> StoreResult<()> {
     sqlx::query(
@@ -901,11 +914,16 @@ async fn queue_unordered(
     )
     .bind(delivery_ids(deliveries))
     .bind(webhook_ids(deliveries))
-    .bind(event.app_id.as_str())
-    .bind(event.id.as_str())
+    .bind(app_id.as_str())
+    .bind(event_id.as_str())
     .bind(now)
     .execute(&mut *c)
     .await?;
+    sqlx::query(&lanes::WAKE)
+        .bind(now)
+        .bind(webhook_ids(deliveries))
+        .execute(&mut *c)
+        .await?;
     Ok(())
 }
 
@@ -921,15 +939,24 @@ fn webhook_ids(deliveries: &[Queued]) -> Vec<&str> {
 
 /// One new delivery per subscribed, enabled webhook of the event's app.
 async fn new_deliveries(c: &mut PgConnection, event: &NewEvent) -> StoreResult<Vec<Queued>> {
+    subscribed_deliveries(c, &event.app_id, event.event_type.as_str()).await
+}
+
+/// A new delivery to each webhook of the app subscribed to `event_type`.
+async fn subscribed_deliveries(
+    c: &mut PgConnection,
+    app_id: &AppId,
+    event_type: &str,
+) -> StoreResult<Vec<Queued>> {
     let sql = format!(
         "SELECT {SUBSCRIPTION_COLUMNS} FROM webhooks WHERE app_id = $1 AND enabled ORDER BY id"
     );
     let rows = sqlx::query(&sql)
-        .bind(event.app_id.as_str())
+        .bind(app_id.as_str())
         .fetch_all(&mut *c)
         .await?;
     let webhooks = map_rows(&rows, rows::subscription)?;
-    let subscribed = rules::subscribed(webhooks, event.event_type.as_str());
+    let subscribed = rules::subscribed(webhooks, event_type);
     Ok(subscribed
         .into_iter()
         .map(|webhook_id| Queued {

@@ -547,6 +547,47 @@ impl SqliteStore {
             .await
     }
 
+    pub async fn replay_event(
+        &self,
+        event: &Event,
+        webhook: Option<&WebhookId>,
+    ) -> StoreResult<Vec<Queued>> {
+        let (event, webhook) = (event.clone(), webhook.cloned());
+        self.writer
+            .write(move |c| {
+                let now = now_ms();
+                let app_id = event.app_id.as_str();
+                let webhooks = match webhook {
+                    Some(webhook) => vec![webhook],
+                    None => {
+                        let webhooks = collect(c, SUBSCRIBED_SQL, [app_id], |r| rows::subscription(r))?;
+                        rules::subscribed(webhooks, &event.event_type)
+                    }
+                };
+                let mut insert = c.prepare_cached(
+                    "INSERT INTO deliveries (id, app_id, event_id, webhook_id, status, due_at, created_at, \
+                     updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+                )?;
+                let mut deliveries = Vec::with_capacity(webhooks.len());
+                for webhook_id in webhooks {
+                    let id = DeliveryId::new();
+                    insert.execute(params![
+                        id.as_str(),
+                        app_id,
+                        event.id.as_str(),
+                        webhook_id.as_str(),
+                        now,
+                        now,
+                        now
+                    ])?;
+                    deliveries.push(Queued { id, webhook_id });
+                }
+                lanes::wake(c, now, deliveries.iter().map(|d| d.webhook_id.as_str()))?;
+                Ok(deliveries)
+            })
+            .await
+    }
+
     // ---- the queue -----------------------------------------------------
 
     /// One writer makes every claim, so two workers never hold the same

@@ -269,8 +269,8 @@ pub struct ClaimedDelivery {
     pub app_id: AppId,
     pub app_uid: Option<String>,
     pub plugin: Option<ClaimedPlugin>,
-    /// Its event's ordering key, if any: ending this delivery lets the
-    /// next one of the key go.
+    /// Its ordering key, if it holds a place in the key's order: ending
+    /// it lets the next one of the key go. A replayed delivery has none.
     pub ordering_key: Option<String>,
     /// Its webhook's own retry schedule; `None`: the server's.
     pub retry_schedule: Option<RetrySchedule>,

@@ -29,7 +29,7 @@ pub(super) const ATTEMPT_COLUMNS: &str = "id, attempt, started_at, duration_ms, 
 /// A claimed delivery `d` with what its attempt needs, joined by
 /// [`CLAIMED_JOINS`].
 pub(super) const CLAIMED_COLUMNS: &str = "d.id, d.claim_token, d.attempts, \
-     e.id AS event_id, e.event_type, e.payload, e.created_at AS event_created_at, e.ordering_key, \
+     e.id AS event_id, e.event_type, e.payload, e.created_at AS event_created_at, d.ordering_key, \
      w.id AS webhook_id, w.url, w.enabled, w.disabled_reason, w.headers, w.raw_payload, w.secret, \
      w.previous_secret, w.previous_secret_expires_at, a.id AS app_id, a.uid AS app_uid, \
      w.plugin_id, w.plugin_config, p.sha256 AS plugin_sha256, w.retry_schedule";

@@ -154,7 +154,7 @@ pub const CLAIM: &str = "WITH lanes AS ( \
      claimed AS ( \
          UPDATE deliveries d SET status = 'sending', due_at = $5, claim_token = $6, updated_at = $1 \
          WHERE d.ctid = ANY(ARRAY(SELECT row FROM due)) AND d.due_at IS NOT NULL AND d.due_at <= $1 \
-         RETURNING d.id, d.claim_token, d.attempts, d.app_id, d.event_id, d.webhook_id), \
+         RETURNING d.id, d.claim_token, d.attempts, d.app_id, d.event_id, d.webhook_id, d.ordering_key), \
      taken AS (SELECT webhook_id, count(*) AS n FROM due GROUP BY webhook_id), \
      rescheduled AS ( \
          UPDATE webhook_lanes l SET \
